@@ -228,3 +228,130 @@ def main_guard(fn):
             sys.exit(2)
     wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
     return wrapped
+
+
+# ----------------------------------------------------------------------------------------------- parity
+PARITY_LENGTHS = (7, 64, 300)
+GOLDEN_TOPK = 64
+
+
+def parity_prompts(vocab, seed=0):
+    """A few deterministic token prompts (ids below the special tokens), short to long (RoPE errors show late)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, min(vocab, 151643), n).tolist() for n in PARITY_LENGTHS]
+
+
+def _log_softmax(x):
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def hf_reference(folder, prompts, dtype):
+    """Reference log-probs from transformers (a test/reference dependency, never used for loading)."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise UserError("transformers (and torch) are not installed: pass --golden FILE.jsonl instead") from None
+    m = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    with torch.no_grad():
+        return [_log_softmax(m(torch.tensor([p])).logits[0].float().numpy()) for p in prompts]
+
+
+def golden_record(tokens, logp):
+    """Top-k log-probs per position (full rows when the vocab is small): enough for top-1 and a KL bound."""
+    if logp.shape[-1] <= 4096:
+        return {"tokens": tokens, "full": logp.tolist()}
+    idx = np.argsort(-logp, -1)[:, :GOLDEN_TOPK]
+    return {"tokens": tokens, "ids": idx.tolist(), "logp": np.take_along_axis(logp, idx, -1).tolist()}
+
+
+def kl_vs_record(rec, ours):
+    """Per-token KL(ref || ours). With a top-k record the rest of the vocab is one bucket, which gives a lower
+    bound of the full KL (exact when the mass outside the top-k agrees)."""
+    if "full" in rec:
+        p = np.asarray(rec["full"])
+        return (np.exp(p) * (p - ours)).sum(-1), p.argmax(-1)
+    ids, lp = np.asarray(rec["ids"]), np.asarray(rec["logp"])
+    lq = np.take_along_axis(ours, ids, -1)
+    p, q = np.exp(lp), np.exp(lq)
+    pr, qr = np.clip(1 - p.sum(-1), 1e-300, 1), np.clip(1 - q.sum(-1), 1e-300, 1)
+    return (p * (lp - lq)).sum(-1) + pr * (np.log(pr) - np.log(qr)), ids[:, 0]
+
+
+def run_parity(src, backends, dtype, golden=None, write_golden=None, max_kl=None, out=print):
+    folder = resolve(src)
+    if write_golden:
+        d = read_config(folder)
+        prompts = parity_prompts(d["vocab_size"])
+        recs = [golden_record(p, lp) for p, lp in zip(prompts, hf_reference(folder, prompts, dtype))]
+        tmp = write_golden + ".tmp"
+        with open(tmp, "w") as f:
+            for r in recs:
+                f.write(json.dumps({**r, "dtype": dtype}) + "\n")
+        os.replace(tmp, write_golden)
+        out(f"wrote {len(recs)} golden records to {write_golden}")
+        return True
+    if golden:
+        try:
+            with open(golden) as f:
+                recs = [json.loads(line) for line in f if line.strip()]
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{golden}: cannot read golden logits ({type(e).__name__})") from None
+        if not recs or not all("tokens" in r for r in recs):
+            raise UserError(f"{golden}: not a golden-logits file (no 'tokens' records)")
+    else:
+        d = read_config(folder)
+        prompts = parity_prompts(d["vocab_size"])
+        recs = [{"tokens": p, "full": lp} for p, lp in zip(prompts, hf_reference(folder, prompts, dtype))]
+    max_kl = max_kl if max_kl is not None else (1e-6 if dtype == "float32" else 2e-2)
+    ok = True
+    for be in backends:
+        model, cfg, params = load_hf(folder, backend=be, dtype=dtype)
+        kls, agree, n = [], 0, 0
+        for r in recs:
+            toks = np.asarray([r["tokens"]])
+            if be == "jax":
+                import jax.numpy as jnp
+                logits, _ = model.forward(params, jnp.asarray(toks), cfg)
+                logits = np.asarray(logits[0].astype(jnp.float32))
+            else:
+                import torch
+                with torch.no_grad():
+                    logits, _ = model.forward(params, torch.as_tensor(toks), cfg)
+                logits = logits[0].float().numpy()
+            ours = _log_softmax(logits)
+            r = {**r, "full": np.asarray(r["full"])} if "full" in r else r
+            kl, top1 = kl_vs_record(r, ours)
+            kls.append(kl)
+            agree += int((ours.argmax(-1) == top1).sum())
+            n += len(top1)
+        kl = np.concatenate(kls)
+        good = bool(kl.max() <= max_kl)
+        ok &= good
+        out(f"{be:5s} {dtype}: max KL {kl.max():.3e}  mean KL {kl.mean():.3e}  top-1 agreement {agree}/{n}"
+            f"  ({'ok' if good else 'FAIL'}, threshold {max_kl:g})")
+    return ok
+
+
+def _parity_cmd():
+    import click
+
+    @click.command("parity")
+    @click.option("--hf", "src", required=True, help="HF checkpoint folder or hub id")
+    @click.option("--backend", type=click.Choice(["jax", "torch", "both"]), default="both")
+    @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32")
+    @click.option("--golden", type=click.Path(), help="compare against this golden-logits JSONL instead of transformers")
+    @click.option("--write-golden", type=click.Path(), help="write a golden-logits JSONL from transformers and exit")
+    @click.option("--max-kl", type=float, help="per-token KL threshold (default 1e-6 float32, 2e-2 bfloat16)")
+    @main_guard
+    def parity(src, backend, dtype, golden, write_golden, max_kl):
+        """Per-token KL(transformers || ours) and top-1 agreement; exits 1 over the threshold."""
+        backends = ["jax", "torch"] if backend == "both" else [backend]
+        if not run_parity(src, backends, dtype, golden, write_golden, max_kl):
+            sys.exit(1)
+    return parity
+
+
+parity = _parity_cmd()
