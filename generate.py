@@ -1,0 +1,449 @@
+"""Generation for every model file, JAX and PyTorch: tokenizer, ChatML prompt, prefill + compiled decode, sampling.
+
+    new_ids = generate.generate(model, cfg, params, [prompt_ids, ...], max_new_tokens=32, temperature=0.0)
+    python generate.py --hf Qwen/Qwen3-0.6B --prompt "Why is the sky blue?" --no-think --max-new-tokens 64
+
+A batch of prompts of different lengths is left-padded: padding gets segment id 0 (never attended to) and positions
+are cumsum(mask) - 1, as transformers' `generate` does. The prompt runs once (prefill) into a cache preallocated by
+`model.init_cache`, then one token per step. Only `model.forward` (or `forward_hidden` + `lm_head`, to skip the
+logits of all but the last prompt token), `model.init_cache` and the returned cache are used: the cache is opaque
+here (Qwen3-Next's also holds conv and recurrent state). On JAX the step is one `jit` with the cache donated; on
+torch the cache is written in place. The host reads only the sampled ids, one step behind the device, to stream.
+
+Rows stop at an EOS id, which is included in the returned row (what transformers' `generate` returns, minus the
+padding it appends after EOS). With `eos_ids=None` the model config's `eos_token_id` is used.
+"""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+# ----------------------------------------------------------------------------------------------- tokens and chat
+THINK_OFF = "<think>\n\n</think>\n\n"
+QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+def _user_error(msg):
+    import convert
+    return convert.UserError(msg)
+
+
+def load_tokenizer(folder):
+    """The folder's tokenizer.json, loaded with `tokenizers` (no transformers)."""
+    from tokenizers import Tokenizer
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.exists(path):
+        raise _user_error(f"{path}: missing (generation needs the checkpoint's tokenizer.json)")
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:
+        raise _user_error(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:120]})") from None
+
+
+def _read_json(folder, name):
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _user_error(f"{path}: not valid JSON ({getattr(e, 'msg', e)})") from None
+
+
+def _ids(v):
+    return [] if v is None else [int(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+
+
+def eos_ids_of(folder, tok):
+    """Every EOS id the checkpoint names: generation_config.json and config.json `eos_token_id` (int or list),
+    tokenizer_config.json `eos_token` (a string or an AddedToken dict). Generation stops on any of them."""
+    ids = _ids(_read_json(folder, "generation_config.json").get("eos_token_id"))
+    ids += _ids(_read_json(folder, "config.json").get("eos_token_id"))
+    t = _read_json(folder, "tokenizer_config.json").get("eos_token")
+    t = t.get("content") if isinstance(t, dict) else t
+    if isinstance(t, str) and tok.token_to_id(t) is not None:
+        ids.append(tok.token_to_id(t))
+    return sorted(set(ids))
+
+
+def chat_text(prompt, system=None, think=None, template=""):
+    """ChatML for one user turn plus the generation prompt, as the Qwen chat templates render it.
+    template: the checkpoint's `chat_template` (tokenizer_config.json), read only for three Qwen habits: Qwen2.5's
+    default system prompt, Qwen3-Thinking-2507's forced `<think>\\n`, and the hybrid Qwen3 `enable_thinking` switch.
+    think=False appends the empty think block (hybrid Qwen3); None or True leaves the model free to think."""
+    if system is None and QWEN25_DEFAULT_SYSTEM in template:
+        system = QWEN25_DEFAULT_SYSTEM
+    text = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
+    text += f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    if "<|im_start|>assistant\\n<think>\\n" in template.replace("\n", "\\n") and "enable_thinking" not in template:
+        text += "<think>\n"  # Thinking-2507: always thinks
+    elif think is False:
+        text += THINK_OFF
+    return text
+
+
+def encode(tok, text):
+    """Token ids, no BOS (Qwen tokenizers have none; special tokens in the text are matched as such)."""
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+# ----------------------------------------------------------------------------------------------- backends
+def _leaves(tree):
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    if isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _leaves(v)
+    elif tree is not None:
+        yield tree
+
+
+def _float_leaf(params):
+    for x in _leaves(params):
+        if "float" in str(x.dtype):
+            return x
+    raise ValueError("params hold no floating-point array")
+
+
+def _is_torch(x):
+    return type(x).__module__.startswith("torch")
+
+
+def _last_logits(model, params, tokens, cfg, cache, kw):
+    """Logits [B, V] of the last position only (transformers' logits_to_keep=1): with forward_hidden + lm_head the
+    prompt's other positions never meet the (large) unembedding."""
+    if hasattr(model, "forward_hidden") and hasattr(model, "lm_head"):
+        out = model.forward_hidden(params, tokens, cfg, cache, **kw)
+        h, cache = out[0], out[1]
+        return h[:, -1] @ model.lm_head(params, cfg), cache
+    logits, cache = model.forward(params, tokens, cfg, cache, **kw)
+    return logits[:, -1], cache
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """logits [B, V] float32 -> the same with -inf outside the top-k and outside the top-p nucleus: the smallest
+    set of most likely tokens whose probability reaches top_p (a token is kept if the mass before it is < top_p),
+    as transformers' TopK/TopP warpers. Either backend."""
+    if _is_torch(logits):
+        import torch
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -float("inf"))
+        if top_p is not None and top_p < 1.0:
+            srt, idx = torch.sort(logits, dim=-1, descending=True)
+            p = torch.softmax(srt, dim=-1)
+            drop = (torch.cumsum(p, dim=-1) - p) >= top_p
+            drop[:, 0] = False
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), -float("inf"))
+        return logits
+    import jax
+    import jax.numpy as jnp
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None and top_p < 1.0:
+        idx = jnp.argsort(-logits, axis=-1)
+        srt = jnp.take_along_axis(logits, idx, -1)
+        p = jax.nn.softmax(srt, -1)
+        drop = ((jnp.cumsum(p, -1) - p) >= top_p).at[:, 0].set(False)
+        drop = jnp.zeros_like(drop).at[jnp.arange(drop.shape[0])[:, None], idx].set(drop)
+        logits = jnp.where(drop, -jnp.inf, logits)
+    return logits
+
+
+def _sample(logits, rng, temperature, top_k, top_p):
+    """Next ids [B] from float32 logits [B, V]: argmax when temperature is 0 (or top_k is 1), else
+    temperature -> top-k -> top-p -> categorical. rng: a jax key or a torch.Generator."""
+    if _is_torch(logits):
+        import torch
+        if temperature == 0.0 or top_k == 1:
+            return torch.argmax(logits, -1)
+        probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), -1)
+        return torch.multinomial(probs, 1, generator=rng)[:, 0]
+    import jax
+    import jax.numpy as jnp
+    if temperature == 0.0 or top_k == 1:
+        return jnp.argmax(logits, -1)
+    return jax.random.categorical(rng, filter_logits(logits / temperature, top_k, top_p), -1)
+
+
+class _Decoder:
+    """The two compiled programs of a decode, for one (model, cfg, sampling, kernels) and one backend:
+    prefill(params, cache, tokens, positions, segs, rng) -> (ids [B], logits [B, V] fp32, cache, rng) and
+    step(params, cache, ids, positions, rng) -> (ids, logits, cache, rng)."""
+
+    def __init__(self, model, cfg, sampling, kernels, backend):
+        self.backend = backend
+        temperature, top_k, top_p = sampling
+        kw = {"kernels": kernels} if kernels else {}
+
+        def prefill(params, cache, tokens, positions, segs, rng):
+            logits, cache = _last_logits(model, params, tokens, cfg, cache,
+                                         dict(kw, positions=positions, segment_ids=segs))
+            return self._pick(logits, cache, rng, temperature, top_k, top_p)
+
+        def step(params, cache, ids, positions, rng):
+            tokens = ids[:, None]
+            segs = (tokens * 0 + 1)
+            logits, cache = _last_logits(model, params, tokens, cfg, cache,
+                                         dict(kw, positions=positions[:, None], segment_ids=segs))
+            return self._pick(logits, cache, rng, temperature, top_k, top_p)
+
+        if backend == "jax":
+            import jax
+            self.prefill = jax.jit(prefill, donate_argnums=(1,))
+            self.step = jax.jit(step, donate_argnums=(1,))
+        else:
+            import torch
+            self.prefill = torch.inference_mode()(prefill)
+            self.step = torch.inference_mode()(step)
+
+    def _pick(self, logits, cache, rng, temperature, top_k, top_p):
+        if self.backend == "jax":
+            import jax
+            logits = logits.astype("float32")
+            rng, sub = jax.random.split(rng)
+            return _sample(logits, sub, temperature, top_k, top_p), logits, cache, rng
+        logits = logits.float()
+        return _sample(logits, rng, temperature, top_k, top_p), logits, cache, rng
+
+
+_DECODERS = {}
+
+
+def _decoder(model, cfg, sampling, kernels, backend):
+    key = (model.__name__, cfg, sampling, id(kernels) if kernels else None, backend)
+    if key not in _DECODERS:
+        _DECODERS[key] = _Decoder(model, cfg, sampling, kernels, backend)
+    return _DECODERS[key]
+
+
+def left_pad(prompts):
+    """tokens [B, T] (0 on padding), positions [B, T] (cumsum(mask) - 1, 1 on padding as transformers),
+    segment ids [B, T] (1 on tokens, 0 on padding), as int32 numpy."""
+    T = max(len(p) for p in prompts)
+    mask = np.array([[0] * (T - len(p)) + [1] * len(p) for p in prompts], np.int32)
+    tokens = np.array([[0] * (T - len(p)) + list(p) for p in prompts], np.int32)
+    positions = np.where(mask == 1, np.cumsum(mask, -1) - 1, 1).astype(np.int32)
+    return tokens, positions, mask
+
+
+def steps(model, cfg, params, prompts, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=0,
+          kernels=None, stats=None):
+    """Yields (ids: numpy int [B], logits [B, V] float32 on the device) for each new token position, as the
+    device produces them; the step after has already been dispatched when ids are read. stats (a dict), if given,
+    receives prefill/decode token counts and seconds."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (Qwen has no BOS to start from)")
+    if max_new_tokens <= 0:
+        return
+    leaf = _float_leaf(params)
+    backend = "torch" if _is_torch(leaf) else "jax"
+    dtype = str(leaf.dtype).replace("torch.", "")
+    sampling = (float(temperature or 0.0), None if top_k in (None, 0) else int(top_k),
+                None if top_p is None or top_p >= 1.0 else float(top_p))
+    dec = _decoder(model, cfg, sampling, kernels, backend)
+    tokens, positions, segs = left_pad(prompts)
+    B, T = tokens.shape
+    cache = model.init_cache(cfg, B, T + max_new_tokens, dtype=dtype, backend=backend)
+    next_pos = positions[:, -1] + 1
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+        arr = jnp.asarray
+        rng = jax.random.PRNGKey(seed)
+        params_dev = params
+
+        def read(x):
+            return np.asarray(x)
+    else:
+        import torch
+        dev = leaf.device
+
+        def arr(x):
+            return torch.as_tensor(x, device=dev, dtype=torch.long)
+        if dev.type != "cpu":
+            cache = {k: v.to(dev) for k, v in cache.items()} if isinstance(cache, dict) else cache
+        rng = torch.Generator(device=dev).manual_seed(seed)
+        params_dev = params
+
+        def read(x):
+            return x.cpu().numpy()
+    t0 = time.perf_counter()
+    ids, logits, cache, rng = dec.prefill(params_dev, cache, arr(tokens), arr(positions), arr(segs), rng)
+    first = read(ids)
+    t1 = time.perf_counter()
+    if stats is not None:
+        stats.update(prefill_tokens=int(segs.sum()), prefill_s=t1 - t0, decode_tokens=0, decode_s=0.0)
+    pos = arr(next_pos)
+    pending, pending_logits, host = ids, logits, first
+    for i in range(max_new_tokens):
+        nxt = None
+        if i + 1 < max_new_tokens:  # dispatch step i+1 before reading step i's ids (JAX runs it meanwhile)
+            nxt = dec.step(params_dev, cache, pending, pos, rng)
+            cache, rng = nxt[2], nxt[3]
+            pos = pos + 1
+        if host is None:
+            host = read(pending)
+            if stats is not None:
+                stats["decode_tokens"] += B
+                stats["decode_s"] = time.perf_counter() - t1
+        yield host, pending_logits
+        if nxt is None:
+            break
+        pending, pending_logits, host = nxt[0], nxt[1], None
+
+
+def generate(model, cfg, params, prompts, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=0,
+             eos_ids=None, kernels=None, stream=None, stats=None):
+    """New ids for each prompt (a list of lists of ints): greedy when temperature is 0, else sampled with
+    temperature, top-k and top-p from `seed`. A row ends after its first EOS id (included) or max_new_tokens.
+    eos_ids: ids to stop on; None takes cfg.eos_token_id. stream(row, id) is called for each new id as it is
+    produced. stats (a dict), if given, receives prefill/decode token counts and seconds."""
+    if eos_ids is None:
+        eos_ids = _ids(getattr(cfg, "eos_token_id", None))
+    eos = set(int(e) for e in eos_ids)
+    out = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    it = steps(model, cfg, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, kernels, stats)
+    for ids, _ in it:
+        for r, t in enumerate(ids.tolist()):
+            if done[r]:
+                continue
+            out[r].append(t)
+            done[r] = t in eos
+            if stream is not None:
+                stream(r, t)
+        if all(done):
+            it.close()
+            break
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- command line
+def _kernels(choice, backend):
+    """--kernels auto: the platform's kernel set when kernels_gpu.py / kernels_tpu.py provide one for this backend
+    and machine; ref: the model files' reference ops."""
+    if choice == "ref":
+        return None
+    import importlib
+    name = "kernels_gpu" if backend == "torch" else "kernels_tpu"
+    try:
+        mod = importlib.import_module(name)
+    except ImportError:
+        return None
+    pick = getattr(mod, "auto_kernels", None)
+    return pick() if callable(pick) else None
+
+
+class _Printer:
+    """Streams the decoded text of row 0: decodes everything so far and prints the new suffix once it is whole
+    (byte-level BPE can split a character across tokens)."""
+
+    def __init__(self, tok, out=sys.stdout):
+        self.tok, self.out, self.ids, self.shown = tok, out, [], ""
+
+    def __call__(self, row, t):
+        if row != 0:
+            return
+        self.ids.append(t)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[len(self.shown):])
+        self.out.flush()
+        self.shown = text
+
+    def finish(self):
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        self.out.write(text[len(self.shown):] + "\n")
+        self.out.flush()
+
+
+def _cli(hf, ckpt, prompt, chat, think, system, max_new_tokens, temperature, top_k, top_p, seed, backend, dtype,
+         kernels):
+    import convert
+    if (hf is None) == (ckpt is None):
+        raise convert.UserError("give exactly one of --hf SRC and --ckpt DIR")
+    if max_new_tokens < 0:
+        raise convert.UserError(f"--max-new-tokens {max_new_tokens}: must be >= 0")
+    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 0):
+        raise convert.UserError("--temperature must be >= 0, --top-k >= 0, --top-p in (0, 1]")
+    if hf is not None:
+        folder = convert.resolve(hf)
+        convert.read_config(folder)
+        tok = load_tokenizer(folder)
+        load = lambda: convert.load_hf(folder, backend=backend, dtype=dtype)  # noqa: E731
+    else:
+        folder = ckpt
+        if not os.path.isdir(folder):
+            raise convert.UserError(f"{folder}: no such folder")
+        if not hasattr(convert, "load_checkpoint"):
+            raise convert.UserError("--ckpt: this build's convert.py has no load_checkpoint")
+        tok = load_tokenizer(folder)
+        load = lambda: convert.load_checkpoint(folder, backend, dtype)  # noqa: E731
+    template = _read_json(folder, "tokenizer_config.json").get("chat_template") or ""
+    template = template if isinstance(template, str) else json.dumps(template)
+    if chat:
+        if think is False and tok.token_to_id("<think>") is None:
+            raise convert.UserError(f"--no-think: {os.path.join(folder, 'tokenizer.json')} has no <think> token "
+                                    "(not a Qwen3 model)")
+        text = chat_text(prompt, system, think, template)
+    else:
+        text = prompt if system is None else f"{system}\n\n{prompt}"
+    ids = encode(tok, text)
+    if not ids:
+        raise convert.UserError("--prompt: encodes to no tokens")
+    model, cfg, params = load()
+    if max(ids) >= cfg.vocab_size:
+        raise convert.UserError(f"{os.path.join(folder, 'tokenizer.json')}: token id {max(ids)} is outside the "
+                                f"model's vocabulary ({cfg.vocab_size}); tokenizer and checkpoint do not match")
+    eos = sorted(set(eos_ids_of(folder, tok)) | set(_ids(cfg.eos_token_id)))
+    printer = _Printer(tok)
+    stats = {}
+    generate(model, cfg, params, [ids], max_new_tokens, temperature, top_k, top_p, seed, eos_ids=eos,
+             kernels=_kernels(kernels, backend), stream=printer, stats=stats)
+    printer.finish()
+    if stats:
+        p, d = stats["prefill_tokens"], stats["decode_tokens"]
+        print(f"prefill: {p} tokens in {stats['prefill_s']:.3f} s ({p / max(stats['prefill_s'], 1e-9):.1f} tok/s, "
+              f"compile included on the first call); decode: {d} tokens in {stats['decode_s']:.3f} s "
+              f"({d / max(stats['decode_s'], 1e-9):.1f} tok/s)", file=sys.stderr)
+
+
+def _command():
+    import click
+    import convert
+
+    @click.command(name="generate")
+    @click.option("--hf", default=None, metavar="SRC", help="Hugging Face checkpoint folder or hub id.")
+    @click.option("--ckpt", default=None, metavar="DIR", help="Converted or trained checkpoint folder.")
+    @click.option("--prompt", required=True, help="The user message (chat) or the text to continue (--no-chat).")
+    @click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap the prompt in ChatML.")
+    @click.option("--think/--no-think", default=None,
+                  help="Qwen3 hybrid thinking switch; --no-think adds the empty think block. Default: model's own.")
+    @click.option("--system", default=None, help="System message (chat), or text put before the prompt.")
+    @click.option("--max-new-tokens", default=256, show_default=True, type=int)
+    @click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
+    @click.option("--top-k", default=None, type=int)
+    @click.option("--top-p", default=None, type=float)
+    @click.option("--seed", default=0, show_default=True, type=int)
+    @click.option("--backend", type=click.Choice(["jax", "torch"]), default="jax", show_default=True)
+    @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+    @click.option("--kernels", type=click.Choice(["auto", "ref"]), default="auto", show_default=True)
+    @convert.main_guard
+    def main(hf, ckpt, prompt, chat, think, system, max_new_tokens, temperature, top_k, top_p, seed, backend,
+             dtype, kernels):
+        """Generate text from a prompt; the completion is streamed to stdout, speeds go to stderr."""
+        _cli(hf, ckpt, prompt, chat, think, system, max_new_tokens, temperature, top_k, top_p, seed, backend,
+             dtype, kernels)
+    return main
+
+
+main = _command()
+
+if __name__ == "__main__":
+    main()
