@@ -69,15 +69,25 @@ def eos_ids_of(folder, tok):
     return sorted(set(ids))
 
 
-def chat_text(prompt, system=None, think=None, template=""):
-    """ChatML for one user turn plus the generation prompt, as the Qwen chat templates render it.
-    template: the checkpoint's `chat_template` (tokenizer_config.json), read only for three Qwen habits: Qwen2.5's
-    default system prompt, Qwen3-Thinking-2507's forced `<think>\\n`, and the hybrid Qwen3 `enable_thinking` switch.
-    think=False appends the empty think block (hybrid Qwen3); None or True leaves the model free to think."""
-    if system is None and QWEN25_DEFAULT_SYSTEM in template:
-        system = QWEN25_DEFAULT_SYSTEM
-    text = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
-    text += f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+def chat_text(messages, think=None, template=""):
+    """ChatML for a conversation plus the generation prompt, as the Qwen chat templates render it.
+    messages: a list of {"role", "content"} dicts, or one user message as a string. Assistant turns before the last
+    user message lose their <think>...</think> reasoning (Qwen3). template: the checkpoint's `chat_template`
+    (tokenizer_config.json), read only for three Qwen habits: Qwen2.5's default system prompt, Qwen3-Thinking-2507's
+    forced `<think>\\n`, and the hybrid Qwen3 `enable_thinking` switch. think=False appends the empty think block
+    (hybrid Qwen3); None or True leaves the model free to think."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if messages[0]["role"] != "system" and QWEN25_DEFAULT_SYSTEM in template:
+        messages = [{"role": "system", "content": QWEN25_DEFAULT_SYSTEM}] + list(messages)
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    text = ""
+    for i, m in enumerate(messages):
+        content = m["content"]
+        if m["role"] == "assistant" and i < last_user:
+            content = content.split("</think>")[-1].lstrip("\n")
+        text += f"<|im_start|>{m['role']}\n{content}<|im_end|>\n"
+    text += "<|im_start|>assistant\n"
     if "<|im_start|>assistant\\n<think>\\n" in template.replace("\n", "\\n") and "enable_thinking" not in template:
         text += "<think>\n"  # Thinking-2507: always thinks
     elif think is False:
@@ -391,7 +401,9 @@ def _cli(hf, ckpt, prompt, chat, think, system, max_new_tokens, temperature, top
         if think is False and tok.token_to_id("<think>") is None:
             raise convert.UserError(f"--no-think: {os.path.join(folder, 'tokenizer.json')} has no <think> token "
                                     "(not a Qwen3 model)")
-        text = chat_text(prompt, system, think, template)
+        msgs = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": prompt}]
+        text = chat_text(msgs, think, template)
     else:
         text = prompt if system is None else f"{system}\n\n{prompt}"
     ids = encode(tok, text)

@@ -514,10 +514,10 @@ if triton is not None:
         dw = tl.zeros([BLOCK], dtype=tl.float32)
         for i in range(0, rows_per_prog):
             row = pid.to(tl.int64) * rows_per_prog + i
-            m = cm & (row < n_rows)
+            m = cm & ((row + cols * 0) < n_rows)  # a vector: the interpreter rejects a scalar mask here
             x = tl.load(x_ptr + row * n_cols + cols, mask=m, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + row * n_cols + cols, mask=m, other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_ptr + row, mask=row < n_rows, other=0.0)
+            rstd = tl.load(rstd_ptr + tl.minimum(row, n_rows - 1))  # rows past the end load zeros above
             xh = x * rstd
             dyw = dy * w
             dx = rstd * (dyw - xh * (tl.sum(dyw * xh, 0) / n_cols))
