@@ -1,10 +1,31 @@
-"""Checkpoints in and out, without transformers: Hugging Face safetensors <-> our param trees.
+"""Checkpoints in and out, without transformers: Hugging Face safetensors <-> our param trees, Orbax and torch DCP.
 
     model, cfg, params = convert.load_hf("path/or/hub-id", backend="jax", dtype="float32")
+    model, cfg, params = convert.load_checkpoint("hf-folder-or-our-folder", backend="torch")
+    python convert.py hf2orbax --hf SRC --out DIR      # also orbax2hf --ckpt DIR --out DIR, hf2dcp, dcp2hf
 
-Every model file describes its weights in `hf_entries(cfg, keys)`; loading reads each HF tensor with `safe_open`,
-checks its shape and turns it into our einsum-ready layout. Every expected tensor must be there and every
-tensor in the checkpoint must be used (an lm_head equal to a tied embedding is fine).
+Every model file describes its weights in `hf_entries(cfg, keys)`; loading reads each HF tensor straight from the
+safetensors file, checks its shape and turns it into our einsum-ready layout. Every expected tensor must be there and
+every tensor in the checkpoint must be used (an lm_head equal to a tied embedding is fine).
+
+Our checkpoint folder (written by the hf2* commands, `write_params` and train.py):
+    nanoqwen.json   {"format": "orbax" | "dcp", "model_type", "config": cfg.to_hf() (config.json's fields),
+                     "dtype": the params' dtype ("mixed" if several), "layout": "scanned" | "unscanned", "version": 1}
+                    written last: a folder without it is not a checkpoint.
+    params/         orbax: an Orbax PyTree checkpoint (OCDBT) of the nested param dict as numpy arrays, restorable
+                      with `orbax.checkpoint.PyTreeCheckpointer().restore(DIR/params)`; stacked arrays are chunked
+                      one layer per chunk, so a layer can be read alone.
+                    dcp: `torch.distributed.checkpoint` of the flat {name: tensor} dict ("layers.wq", ...).
+                    layout "scanned" keeps the stacked leading layer axis ("layers.wq" [L, E, H, D]); "unscanned"
+                    stores each layer's slice as its own leaf ("layers.0.wq" [E, H, D], "layers.1.wq", ...).
+                    Either way `read_params` returns the stacked tree, on either backend.
+    tokenizer.json, tokenizer_config.json, generation_config.json, ...: copied from the HF source, copied back on
+                    export (so generate.py --ckpt finds a tokenizer).
+    anything else   (train.py's optimizer state, step, RNG, data position) is ignored by read_params and export.
+
+Conversion streams: a tensor is read, transformed and written before the next is read (a stacked param one layer at
+a time), so memory stays near the largest tensor, not the model. Inputs are validated (config, every header, names,
+shapes) before anything is written, and outputs go to a temporary folder renamed into place when complete.
 """
 import contextlib
 import importlib
@@ -344,6 +365,8 @@ def _np(x):
 def _to_torch(a):
     import torch
     a = np.ascontiguousarray(a)
+    if not a.flags.writeable:  # e.g. a view of a jax array; torch wants writable memory
+        a = a.copy()
     if a.dtype.name == "bfloat16":
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
@@ -517,8 +540,15 @@ def _orbax_checkpointer(progress):
 
 def _save_orbax(path, leaves, progress=None):
     import orbax.checkpoint as ocp
+    import logging
     tree = _nest({leaf.name: leaf for leaf in leaves})
-    _orbax_checkpointer(progress).save(os.path.abspath(path), args=ocp.args.PyTreeSave(tree))
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # "No jax.Array in TypeHandlerRegistry": expected, we write numpy
+    try:
+        _orbax_checkpointer(progress).save(os.path.abspath(path), args=ocp.args.PyTreeSave(tree))
+    finally:
+        absl.setLevel(level)
 
 
 def _save_dcp(path, leaves, progress=None):
@@ -782,7 +812,10 @@ def hf_reference(folder, prompts, dtype):
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise UserError("transformers (and torch) are not installed: pass --golden FILE.jsonl instead") from None
-    m = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    try:
+        m = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    except Exception as e:
+        raise UserError(f"{folder}: transformers cannot load it ({type(e).__name__})") from None
     with torch.no_grad():
         return [_log_softmax(m(torch.tensor([p])).logits[0].float().numpy()) for p in prompts]
 
@@ -821,6 +854,7 @@ def run_parity(src, backends, dtype, golden=None, write_golden=None, max_kl=None
         os.replace(tmp, write_golden)
         out(f"wrote {len(recs)} golden records to {write_golden}")
         return True
+    loaded = {be: load_hf(folder, backend=be, dtype=dtype) for be in backends}  # validates before transformers
     if golden:
         try:
             with open(golden) as f:
@@ -836,7 +870,7 @@ def run_parity(src, backends, dtype, golden=None, write_golden=None, max_kl=None
     max_kl = max_kl if max_kl is not None else (1e-6 if dtype == "float32" else 2e-2)
     ok = True
     for be in backends:
-        model, cfg, params = load_hf(folder, backend=be, dtype=dtype)
+        model, cfg, params = loaded[be]
         kls, agree, n = [], 0, 0
         for r in recs:
             toks = np.asarray([r["tokens"]])
@@ -934,7 +968,7 @@ class SafetensorsWriter:
         self.shards = shards
         self.order = [(j, t) for j, s in enumerate(shards) for t in s]
         self.pos, self.f, self.fj = 0, None, None
-        self.total = sum(t[3] for t in self.order)
+        self.total = sum(t[1][3] for t in self.order)
 
     def _open(self, j):
         if self.f:
