@@ -164,43 +164,48 @@ def filter_logits(logits, top_k=None, top_p=None):
     return logits
 
 
+def _greedy(temperature, top_k):
+    return top_k == 1 or (isinstance(temperature, (int, float)) and temperature == 0.0)
+
+
 def _sample(logits, rng, temperature, top_k, top_p):
     """Next ids [B] from float32 logits [B, V]: argmax when temperature is 0 (or top_k is 1), else
     temperature -> top-k -> top-p -> categorical. rng: a jax key or a torch.Generator."""
     if _is_torch(logits):
         import torch
-        if temperature == 0.0 or top_k == 1:
+        if _greedy(temperature, top_k):
             return torch.argmax(logits, -1)
         probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), -1)
         return torch.multinomial(probs, 1, generator=rng)[:, 0]
     import jax
     import jax.numpy as jnp
-    if temperature == 0.0 or top_k == 1:
+    if _greedy(temperature, top_k):
         return jnp.argmax(logits, -1)
     return jax.random.categorical(rng, filter_logits(logits / temperature, top_k, top_p), -1)
 
 
 class _Decoder:
-    """The two compiled programs of a decode, for one (model, cfg, sampling, kernels) and one backend:
-    prefill(params, cache, tokens, positions, segs, rng) -> (ids [B], logits [B, V] fp32, cache, rng) and
-    step(params, cache, ids, positions, rng) -> (ids, logits, cache, rng)."""
+    """The two compiled programs of a decode, for one (model, cfg, sampling kind, kernels) and one backend:
+    prefill(params, cache, tokens, positions, segs, rng, temperature) -> (ids [B], logits [B, V] fp32, cache, rng)
+    and step(params, cache, ids, positions, rng, temperature) -> (ids, logits, cache, rng).
+    sampling: (greedy, top_k, top_p), static; the temperature is an input."""
 
     def __init__(self, model, cfg, sampling, kernels, backend):
         self.backend = backend
-        temperature, top_k, top_p = sampling
+        greedy, top_k, top_p = sampling
         kw = {"kernels": kernels} if kernels else {}
 
-        def prefill(params, cache, tokens, positions, segs, rng):
+        def prefill(params, cache, tokens, positions, segs, rng, temperature):
             logits, cache = _last_logits(model, params, tokens, cfg, cache,
                                          dict(kw, positions=positions, segment_ids=segs))
-            return self._pick(logits, cache, rng, temperature, top_k, top_p)
+            return self._pick(logits, cache, rng, 0.0 if greedy else temperature, top_k, top_p)
 
-        def step(params, cache, ids, positions, rng):
+        def step(params, cache, ids, positions, rng, temperature):
             tokens = ids[:, None]
             segs = (tokens * 0 + 1)
             logits, cache = _last_logits(model, params, tokens, cfg, cache,
                                          dict(kw, positions=positions[:, None], segment_ids=segs))
-            return self._pick(logits, cache, rng, temperature, top_k, top_p)
+            return self._pick(logits, cache, rng, 0.0 if greedy else temperature, top_k, top_p)
 
         if backend == "jax":
             import jax
@@ -253,9 +258,10 @@ def steps(model, cfg, params, prompts, max_new_tokens=32, temperature=0.0, top_k
     leaf = _float_leaf(params)
     backend = "torch" if _is_torch(leaf) else "jax"
     dtype = str(leaf.dtype).replace("torch.", "")
-    sampling = (float(temperature or 0.0), None if top_k in (None, 0) else int(top_k),
-                None if top_p is None or top_p >= 1.0 else float(top_p))
-    dec = _decoder(model, cfg, sampling, kernels, backend)
+    top_k = None if top_k in (None, 0) else int(top_k)
+    greedy = not temperature or top_k == 1
+    sampling = (greedy, None if greedy else top_k, None if greedy or top_p is None or top_p >= 1.0 else float(top_p))
+    dec = _decoder(model, cfg, sampling, kernels, backend)  # one compile per sampling kind; temperature is an input
     tokens, positions, segs = left_pad(prompts)
     B, T = tokens.shape
     cache = model.init_cache(cfg, B, T + max_new_tokens, dtype=dtype, backend=backend)
@@ -283,7 +289,9 @@ def steps(model, cfg, params, prompts, max_new_tokens=32, temperature=0.0, top_k
         def read(x):
             return x.cpu().numpy()
     t0 = time.perf_counter()
-    ids, logits, cache, rng = dec.prefill(params_dev, cache, arr(tokens), arr(positions), arr(segs), rng)
+    temp = np.float32(1.0 if greedy else temperature)
+    temp = jnp.asarray(temp) if backend == "jax" else torch.as_tensor(temp, device=leaf.device)
+    ids, logits, cache, rng = dec.prefill(params_dev, cache, arr(tokens), arr(positions), arr(segs), rng, temp)
     first = read(ids)
     t1 = time.perf_counter()
     if stats is not None:
@@ -293,7 +301,7 @@ def steps(model, cfg, params, prompts, max_new_tokens=32, temperature=0.0, top_k
     for i in range(max_new_tokens):
         nxt = None
         if i + 1 < max_new_tokens:  # dispatch step i+1 before reading step i's ids (JAX runs it meanwhile)
-            nxt = dec.step(params_dev, cache, pending, pos, rng)
+            nxt = dec.step(params_dev, cache, pending, pos, rng, temp)
             cache, rng = nxt[2], nxt[3]
             pos = pos + 1
         if host is None:

