@@ -587,7 +587,10 @@ def _write_leaves(folder, fmt, leaves, what):
 
 
 def _write_meta(folder, model, cfg, fmt, dtype, layout):
-    meta = {"format": fmt, "model_type": model.MODEL_TYPE, "config": cfg.to_hf(), "dtype": dtype, "layout": layout,
+    d = cfg.to_hf()
+    if hasattr(cfg, "num_mtp_layers"):  # qwen3_next: from_hf without tensor names reads the MTP count from here
+        d["num_nextn_predict_layers"] = cfg.num_mtp_layers
+    meta = {"format": fmt, "model_type": model.MODEL_TYPE, "config": d, "dtype": dtype, "layout": layout,
             "version": 1}
     with open(os.path.join(folder, META), "w") as f:
         json.dump(meta, f, indent=1)
