@@ -674,9 +674,10 @@ class _DcpStore:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
         self.path, self._last = path, (None, None)
+        from torch.distributed.checkpoint.api import CheckpointException
         try:
             md = dcp.FileSystemReader(path).read_metadata()
-        except Exception as e:
+        except (Exception, CheckpointException) as e:
             raise UserError(f"{path}: corrupt torch DCP checkpoint ({_err(e)})") from None
         self.meta = {n: (tuple(m.size), np_dtype(str(m.properties.dtype).rsplit(".", 1)[-1]))
                      for n, m in md.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
@@ -686,6 +687,7 @@ class _DcpStore:
 
         import torch
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
         sd = {n: torch.empty(self.meta[n][0], dtype=_torch_dtype(self.meta[n][1])) for n in names}
         try:
@@ -693,7 +695,7 @@ class _DcpStore:
                 warnings.simplefilter("ignore")
                 dcp.load(sd, storage_reader=dcp.FileSystemReader(self.path),
                          planner=DefaultLoadPlanner(allow_partial_load=True))
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
             raise UserError(f"{self.path}: cannot read {', '.join(names)[:80]} ({_err(e)})") from None
         return {n: _np(t) for n, t in sd.items()}
 
