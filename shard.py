@@ -1,0 +1,553 @@
+"""Sharding for both backends: one mesh description, one table of logical-axis rules.
+
+The mesh has four named axes, always in this order (a size of 1 switches an axis off):
+  data  pure data parallelism (replicated weights, sharded batch)
+  fsdp  data parallelism with weights sharded on their `embed` axis (ZeRO-3 / FSDP)
+  tp    tensor parallelism: heads, MLP columns/rows and the vocabulary
+  ep    expert parallelism: MoE experts (the batch is split over ep too, as in torchtitan and MaxText)
+
+Every parameter in a model file's `param_table(cfg)` names its logical axes (`("layers", "embed", "q_heads",
+"head_dim")`); `RULES` maps each logical axis to mesh axes, and that one table gives JAX `NamedSharding`s and
+torch DTensor placements. Parameters are checked strictly: two logical axes of one array on the same mesh axis,
+or a mesh size that does not divide the dimension, raise `MeshError` (a ValueError whose message is one line;
+the commands print it as `error: ...`). Activations use the same table, except that a mesh axis already taken by an
+earlier dimension (the batch takes data and fsdp) leaves later dimensions replicated.
+
+JAX: `make_mesh`, `param_shardings`, `init_params` (sharded init inside jit: a model larger than one device is never
+whole anywhere), `tree_shardings` (optimizer states), `batch_sharding`, `constrain` / `constrainer` for activations,
+`abstract_params` (Orbax restore target on any mesh), `init_distributed` (multi-host).
+torch: `torch_mesh`, `placements`, `init_params_torch` (each rank keeps only its shards), `distribute_params`,
+`shard_batch`, `compute_context` (DTensor ops mixing plain tensors), `empty_params_torch` (DCP load target).
+Imports only numpy here; jax and torch are imported lazily.
+"""
+import contextlib
+import math
+import os
+
+MESH_AXES = ("data", "fsdp", "tp", "ep")
+
+# logical axis -> mesh axis, tuple of mesh axes, or None (replicated). Axes not listed are replicated.
+RULES = {
+    "batch": ("data", "fsdp", "ep"),
+    "seq": None,
+    "vocab": "tp",
+    "embed": "fsdp",
+    "q_heads": "tp",
+    "kv_heads": "tp",
+    "heads": "tp",
+    "mlp": "tp",
+    "moe_mlp": "tp",
+    "experts": "ep",
+    "layers": None,
+    "norm": None,
+    "head_dim": None,
+}
+
+
+class MeshError(ValueError):
+    """An impossible mesh or rule; the message is one line."""
+
+
+# ----------------------------------------------------------------------------------------------- mesh description
+def parse_mesh(spec, n_devices):
+    """'data=..,fsdp=..,tp=..,ep=..' -> {axis: size} over MESH_AXES. Missing axes are 1, except fsdp, which takes
+    the devices left over unless another axis is -1 ("the rest"). None or '' means fsdp over every device."""
+    given = {}
+    for part in (spec or "").replace(" ", "").split(","):
+        if not part:
+            continue
+        key, sep, val = part.partition("=")
+        if key not in MESH_AXES or not sep:
+            raise MeshError(f"bad --mesh entry {part!r} in {spec!r}: expected axis=size with axis one of "
+                            f"{', '.join(MESH_AXES)}")
+        if key in given:
+            raise MeshError(f"mesh axis {key!r} given twice in {spec!r}")
+        try:
+            given[key] = int(val)
+        except ValueError:
+            raise MeshError(f"bad size {val!r} for mesh axis {key!r} in {spec!r}") from None
+        if given[key] == 0 or given[key] < -1:
+            raise MeshError(f"mesh axis {key}={given[key]} in {spec!r}: sizes are positive or -1 (the rest)")
+    rest = [k for k, v in given.items() if v == -1]
+    if len(rest) > 1:
+        raise MeshError(f"only one mesh axis may be -1 in {spec!r}")
+    if not rest and "fsdp" not in given:
+        given["fsdp"], rest = -1, ["fsdp"]
+    sizes = {a: given.get(a, 1) for a in MESH_AXES}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if rest:
+        if n_devices % fixed:
+            raise MeshError(f"mesh {spec!r}: the fixed sizes (product {fixed}) do not divide {n_devices} devices")
+        sizes[rest[0]] = n_devices // fixed
+    elif fixed != n_devices:
+        raise MeshError(f"mesh {mesh_str(sizes)} needs {fixed} devices but {n_devices} are present")
+    return sizes
+
+
+def mesh_str(sizes):
+    return ",".join(f"{a}={sizes[a]}" for a in MESH_AXES)
+
+
+def mesh_sizes(mesh):
+    """{axis: size} of a JAX Mesh, a torch DeviceMesh or a sizes dict."""
+    if isinstance(mesh, dict):
+        return {a: mesh.get(a, 1) for a in MESH_AXES}
+    if hasattr(mesh, "mesh_dim_names"):  # torch DeviceMesh (only the axes of size > 1)
+        got = dict(zip(mesh.mesh_dim_names, mesh.mesh.shape))
+        return {a: int(got.get(a, 1)) for a in MESH_AXES}
+    return {a: mesh.shape[a] for a in MESH_AXES}
+
+
+# ----------------------------------------------------------------------------------------------- rules
+def logical_to_mesh(axes, rules=None, activation=False, where=""):
+    """Logical axes -> one tuple of mesh axes per dimension. Raises MeshError when two dimensions of one parameter
+    share a mesh axis; for an activation the later dimension is left replicated instead."""
+    rules = RULES if rules is None else rules
+    used, out = set(), []
+    for ax in axes:
+        m = rules.get(ax)
+        m = () if m is None else (m,) if isinstance(m, str) else tuple(m)
+        if activation:
+            m = tuple(a for a in m if a not in used)
+        elif used & set(m):
+            raise MeshError(f"sharding rules map two axes of {where or axes} to mesh axis "
+                            f"{sorted(used & set(m))[0]!r} (axes {tuple(axes)})")
+        used |= set(m)
+        out.append(m)
+    return out
+
+
+def check_params(table, sizes, rules=None):
+    """Every parameter of a param_table can be laid out on a mesh of these sizes, or MeshError (one line)."""
+    for name, p in table.items():
+        for dim, (n, ms) in enumerate(zip(p.shape, logical_to_mesh(p.axes, rules, where=name))):
+            k = math.prod(sizes[a] for a in ms)
+            if n % k:
+                ax = "*".join(f"{a}={sizes[a]}" for a in ms)
+                raise MeshError(f"mesh {ax} does not divide {p.axes[dim]}={n} of parameter {name} {tuple(p.shape)}")
+
+
+def check_batch(batch_size, sizes):
+    k = math.prod(sizes[a] for a in logical_to_mesh(("batch",))[0])
+    if batch_size % k:
+        raise MeshError(f"batch size {batch_size} is not divisible by the {k} batch shards of mesh {mesh_str(sizes)}")
+
+
+def _fit(axes, shape, sizes, activation=True):
+    """Mesh axes per dimension for an activation, dropping (from the right) mesh axes that do not divide it."""
+    out = []
+    for n, ms in zip(shape, logical_to_mesh(axes, activation=activation)):
+        ms = list(ms)
+        while ms and n % math.prod(sizes[a] for a in ms):
+            ms.pop()
+        out.append(tuple(ms))
+    return out
+
+
+def _unflatten(flat):
+    out = {}
+    for k, v in flat.items():
+        *path, leaf = k.split(".")
+        d = out
+        for part in path:
+            d = d.setdefault(part, {})
+        d[leaf] = v
+    return out
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def layout(model, cfg, sizes):
+    """name -> (global shape, mesh axes per dim, per-device shard shape): what the rules say, for printing/tests."""
+    sizes = mesh_sizes(sizes)
+    table = model.param_table(cfg)
+    check_params(table, sizes)
+    out = {}
+    for name, p in table.items():
+        ms = logical_to_mesh(p.axes)
+        out[name] = (tuple(p.shape), ms, tuple(n // math.prod(sizes[a] for a in m) for n, m in zip(p.shape, ms)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- JAX
+def make_mesh(sizes, devices=None):
+    """A jax Mesh with axes MESH_AXES (Auto axis types: XLA propagates shardings through the model)."""
+    import jax
+    from jax.sharding import AxisType
+    sizes = mesh_sizes(sizes)
+    devices = list(devices) if devices is not None else jax.devices()
+    n = math.prod(sizes.values())
+    if n != len(devices):
+        raise MeshError(f"mesh {mesh_str(sizes)} needs {n} devices but {len(devices)} are present")
+    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * 4,
+                         devices=devices)
+
+
+def _pspec(ms):
+    from jax.sharding import PartitionSpec
+    return PartitionSpec(*[None if not m else m[0] if len(m) == 1 else m for m in ms])
+
+
+def param_shardings(model, cfg, mesh):
+    """The params' tree of NamedShardings, from param_table(cfg) and RULES (checked against the mesh)."""
+    from jax.sharding import NamedSharding
+    table = model.param_table(cfg)
+    check_params(table, mesh_sizes(mesh))
+    return _unflatten({n: NamedSharding(mesh, _pspec(logical_to_mesh(p.axes, where=n))) for n, p in table.items()})
+
+
+def init_params(model, cfg, mesh, seed=0, dtype="float32"):
+    """model.init run inside jit with sharded outputs: each device computes only its shards, and the values equal
+    the unsharded init (jax_threefry_partitionable, the default, makes random bits independent of the layout)."""
+    import jax
+    sh = param_shardings(model, cfg, mesh)
+    return jax.jit(lambda: model.init(cfg, backend="jax", seed=seed, dtype=dtype), out_shardings=sh)()
+
+
+def shard_params(params, model, cfg, mesh):
+    """Lays out params that exist whole (numpy arrays or jax arrays, e.g. from convert.load_hf) on the mesh.
+    Numpy leaves are copied shard by shard (make_array_from_callback), so this also works on several hosts."""
+    import jax
+    import numpy as np
+    sh = _flatten(param_shardings(model, cfg, mesh))
+    out = {}
+    for name, x in _flatten(params).items():
+        if isinstance(x, np.ndarray):
+            out[name] = jax.make_array_from_callback(x.shape, sh[name], lambda idx, x=x: x[idx])
+        else:
+            out[name] = jax.device_put(x, sh[name])
+    return _unflatten(out)
+
+
+def abstract_params(model, cfg, mesh, dtype="float32"):
+    """ShapeDtypeStructs carrying the target shardings: the restore target of an Orbax checkpoint on any mesh."""
+    import jax
+    import jax.numpy as jnp
+    sh = _flatten(param_shardings(model, cfg, mesh))
+    return _unflatten({n: jax.ShapeDtypeStruct(p.shape, jnp.dtype(dtype), sharding=sh[n])
+                       for n, p in model.param_table(cfg).items()})
+
+
+def tree_shardings(tree, model, cfg, mesh):
+    """Shardings for a tree keyed like the params (an optax state: mu and nu mirror the params): a leaf whose dict
+    path ends with a parameter's name and has its shape gets that parameter's sharding; anything else (step counts)
+    is replicated. Leaves may be arrays or ShapeDtypeStructs (jax.eval_shape)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+    table = model.param_table(cfg)
+    sh = _flatten(param_shardings(model, cfg, mesh))
+    by_path = {tuple(n.split(".")): n for n in table}
+    rep = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        keys = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+        for i in range(len(keys)):
+            name = by_path.get(keys[i:])
+            if name is not None and tuple(leaf.shape) == tuple(table[name].shape):
+                return sh[name]
+        return rep
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def jit_init(fn, *args, model, cfg, mesh):
+    """fn(*args) run under jit with outputs laid out by tree_shardings, e.g. `jit_init(opt.init, params, ...)`:
+    optimizer state is created sharded like the params."""
+    import jax
+    out = tree_shardings(jax.eval_shape(fn, *args), model, cfg, mesh)
+    return jax.jit(fn, out_shardings=out)(*args)
+
+
+def batch_sharding(mesh, ndim=2):
+    """NamedSharding for a [batch, seq, ...] input: batch over data, fsdp and ep."""
+    from jax.sharding import NamedSharding
+    return NamedSharding(mesh, _pspec(logical_to_mesh(("batch",) + ("seq",) * (ndim - 1), activation=True)))
+
+
+def replicated(mesh):
+    from jax.sharding import NamedSharding, PartitionSpec
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def constrain(x, axes, mesh=None):
+    """with_sharding_constraint from logical axes (e.g. ("batch", "seq", "embed")); a no-op without a mesh, on a
+    one-device mesh, and on torch tensors (DTensor carries its own placements). A mesh axis that does not divide
+    a dimension (a decode batch of 1) is dropped for that dimension."""
+    if mesh is None or type(x).__module__.startswith("torch"):
+        return x
+    import jax
+    from jax.sharding import NamedSharding
+    sizes = mesh_sizes(mesh)
+    if math.prod(sizes.values()) == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _pspec(_fit(axes, x.shape, sizes))))
+
+
+def constrainer(mesh):
+    """The callable model code receives through its kernels dict: kernels["constrain"](x, logical_axes) -> x."""
+    return lambda x, axes: constrain(x, axes, mesh)
+
+
+def init_distributed():
+    """jax.distributed.initialize when launched on several hosts; a no-op on one. Driven by the environment:
+    JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES, JAX_PROCESS_ID) explicitly, or the clusters JAX detects by
+    itself (TPU pod slices, SLURM with several tasks, Open MPI). Returns (process_index, process_count)."""
+    import jax
+    env = os.environ
+    multi = (env.get("JAX_COORDINATOR_ADDRESS") or int(env.get("JAX_NUM_PROCESSES", "1")) > 1
+             or int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+             or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
+    if multi and not jax.distributed.is_initialized():
+        kw = {}
+        if env.get("JAX_COORDINATOR_ADDRESS"):
+            kw = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                      num_processes=int(env.get("JAX_NUM_PROCESSES", "1")),
+                      process_id=int(env.get("JAX_PROCESS_ID", "0")))
+        jax.distributed.initialize(**kw)
+    return jax.process_index(), jax.process_count()
+
+
+# ----------------------------------------------------------------------------------------------- torch
+def init_torch_distributed():
+    """torch.distributed from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR): NCCL on GPUs,
+    gloo on CPU; a no-op without torchrun. Returns (rank, world_size, device)."""
+    import torch
+    import torch.distributed as dist
+    cuda = torch.cuda.is_available()
+    device = torch.device("cpu")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def torch_mesh(sizes, device_type=None):
+    """A torch DeviceMesh over the process group's ranks whose dims are the axes of MESH_AXES with size > 1, in that
+    order (DTensor's sharding propagation grows with the number of mesh dims, so size-1 axes are left out; a
+    one-process run gets a 1-dim mesh named 'data')."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    sizes = mesh_sizes(sizes)
+    names = tuple(a for a in MESH_AXES if sizes[a] > 1) or ("data",)
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    return init_device_mesh(device_type, tuple(sizes[a] for a in names), mesh_dim_names=names)
+
+
+def placements(axes, mesh, activation=False, where=""):
+    """DTensor placements (one per dim of the torch mesh) for an array with these logical axes."""
+    from torch.distributed.tensor import Replicate, Shard
+    names = list(mesh.mesh_dim_names)
+    pl = [Replicate()] * len(names)
+    for d, ms in enumerate(logical_to_mesh(axes, activation=activation, where=where)):
+        for a in ms:
+            if a in names:
+                pl[names.index(a)] = Shard(d)
+    return pl
+
+
+def _local_slice(full, mesh, pls):
+    """This rank's block of a whole tensor under even Shard placements (dims checked to divide)."""
+    coord = mesh.get_coordinate()
+    for i, pl in enumerate(pls):
+        if pl.is_shard():
+            n = mesh.mesh.shape[i]
+            full = full.chunk(n, dim=pl.dim)[coord[i]]
+    return full
+
+
+def _dtensor(local, mesh, pls, shape):
+    import torch
+    from torch.distributed.tensor import DTensor
+    local = local.contiguous()
+    stride = tuple(int(s) for s in torch.empty(shape, device="meta").stride())
+    return DTensor.from_local(local, mesh, pls, run_check=False, shape=torch.Size(shape), stride=stride)
+
+
+def init_params_torch(model, cfg, mesh, seed=0, dtype="float32", device=None):
+    """Params as DTensors with placements from RULES, equal to model.init(cfg, "torch", seed, dtype). No rank holds
+    the model whole: leaves are made one at a time on the CPU (each from its own per-leaf generator), this rank's
+    block is kept and moved to `device`, and the rest is freed. Ones/zeros are made at shard size directly."""
+    import torch
+    table = model.param_table(cfg)
+    check_params(table, mesh_sizes(mesh))
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+    xp = model.shim("torch")
+    known = all(p.init in ("normal", "ones", "zeros") for p in table.values())
+    whole = None if known else _flatten(model.init(cfg, backend="torch", seed=seed, dtype=dtype))
+    out = {}
+    for name, p in table.items():
+        pls = placements(p.axes, mesh, where=name)
+        if whole is not None:
+            local = _local_slice(whole.pop(name), mesh, pls)
+        elif p.init == "normal":
+            local = _local_slice(xp.normal(seed, name, p.shape, cfg.initializer_range, dtype), mesh, pls)
+        else:
+            local = _local_slice(torch.empty(p.shape, device="meta"), mesh, pls)
+            local = torch.full(local.shape, 1.0 if p.init == "ones" else 0.0, dtype=xp.dtype(dtype))
+        out[name] = _dtensor(local.to(device), mesh, pls, p.shape)
+    return _unflatten(out)
+
+
+def distribute_params(params, model, cfg, mesh):
+    """Whole torch params (each rank holding the same values, e.g. from convert.load_hf) -> DTensors, keeping only
+    this rank's blocks (no communication)."""
+    table = model.param_table(cfg)
+    check_params(table, mesh_sizes(mesh))
+    out = {}
+    for name, x in _flatten(params).items():
+        pls = placements(table[name].axes, mesh, where=name)
+        dev = x.device if mesh.device_type == x.device.type else mesh.device_type
+        out[name] = _dtensor(_local_slice(x, mesh, pls).to(dev), mesh, pls, tuple(x.shape))
+    return _unflatten(out)
+
+
+def empty_params_torch(model, cfg, mesh, dtype="float32"):
+    """Zero DTensors laid out for this mesh: the state dict a DCP checkpoint is loaded into (any saving mesh)."""
+    import torch
+    from torch.distributed.tensor import zeros
+    return _unflatten({n: zeros(p.shape, dtype=getattr(torch, dtype), device_mesh=mesh,
+                                placements=placements(p.axes, mesh, where=n)) for n, p in model.param_table(cfg).items()})
+
+
+def shard_batch(x, mesh, axes=("batch", "seq")):
+    """A whole batch (the same on every rank) -> a DTensor sharded over data/fsdp/ep; this rank keeps its rows."""
+    pls = placements(axes, mesh, activation=True)
+    return _dtensor(_local_slice(x, mesh, pls), mesh, pls, tuple(x.shape))
+
+
+def batch_from_local(x, mesh, axes=("batch", "seq")):
+    """This rank's rows of the batch (a per-rank data loader) -> the global batch as a DTensor."""
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(x, mesh, placements(axes, mesh, activation=True), run_check=False)
+
+
+def compute_context(x=None):
+    """The context the torch forward and backward run in when tensor parallelism is on: plain tensors made inside
+    the model (positions, masks, RoPE tables) are treated as replicated over tp. A null context otherwise."""
+    from torch.distributed.tensor import DTensor
+    if x is not None and not isinstance(x, DTensor) and not _any_dtensor(x):
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.experimental import implicit_replication
+    return implicit_replication()
+
+
+def _any_dtensor(tree):
+    from torch.distributed.tensor import DTensor
+    if isinstance(tree, dict):
+        return any(_any_dtensor(v) for v in tree.values())
+    return isinstance(tree, DTensor)
+
+
+BATCH_AXES = ("data", "fsdp", "ep")
+
+
+def compute_params(params, mesh):
+    """Stored DTensor params -> what the torch forward computes with, FSDP2-style: every mesh axis the batch is
+    split over (data, fsdp, ep) is all-gathered, and its gradient comes back as a partial sum that the backward
+    reduce-scatters onto the stored shards (all-reduce for data). Weights sharded over tp stay sharded: they become
+    DTensors on the tp sub-mesh, so DTensor runs the heads / MLP columns / vocab in parallel and inserts the
+    all-reduces; without tp they are plain tensors and the forward runs at single-device speed.
+    Call inside the training step (differentiable); run forward and backward under compute_context(params)."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+    names = list(mesh.mesh_dim_names)
+    tp = names.index("tp") if "tp" in names else None
+    out = {}
+    for n, p in _flatten(params).items():
+        if not isinstance(p, DTensor):
+            out[n] = p
+            continue
+        gather = [pl if i == tp else Replicate() for i, pl in enumerate(p.placements)]
+        grad = [pl if i == tp else Partial() if names[i] in BATCH_AXES else Replicate()
+                for i, pl in enumerate(gather)]
+        local = p.redistribute(p.device_mesh, gather).to_local(grad_placements=grad)
+        out[n] = local if tp is None else DTensor.from_local(local, mesh["tp"], [gather[tp]], run_check=False)
+    return _unflatten(out)
+
+
+def batch_shards(mesh):
+    """(index of this rank's batch shard, number of batch shards) over the data, fsdp and ep axes."""
+    names = list(mesh.mesh_dim_names)
+    coord = mesh.get_coordinate()
+    idx, n = 0, 1
+    for a in BATCH_AXES:
+        if a in names:
+            k = mesh.mesh.shape[names.index(a)]
+            idx, n = idx * k + coord[names.index(a)], n * k
+    return idx, n
+
+
+def local_batch(x, mesh):
+    """This rank's rows of a whole batch (the same on every rank): split over data, fsdp and ep, equal over tp."""
+    idx, n = batch_shards(mesh)
+    if x.shape[0] % n:
+        raise MeshError(f"batch size {x.shape[0]} is not divisible by the {n} batch shards of the mesh")
+    return x.chunk(n, dim=0)[idx]
+
+
+def batch_mean(x, mesh):
+    """The mean over batch shards of a per-rank scalar (a local loss), as a float, for logging."""
+    import torch
+    import torch.distributed as dist
+    t = (x.full_tensor() if _any_dtensor(x) else x).detach().float().reshape(1).clone()
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return float(t.item())
+
+
+def grads_like(grads, params):
+    """Gradients (DTensors from torch.autograd.grad) redistributed to their parameters' placements, so an optimizer
+    updates each shard locally."""
+    from torch.distributed.tensor import DTensor
+    flat_p = _flatten(params) if isinstance(params, dict) else None
+
+    def fix(g, p):
+        if isinstance(g, DTensor) and tuple(g.placements) != tuple(p.placements):
+            return g.redistribute(p.device_mesh, p.placements)
+        return g
+
+    if flat_p is None:
+        return [fix(g, p) for g, p in zip(grads, params)]
+    return _unflatten({n: fix(g, flat_p[n]) for n, g in _flatten(grads).items()})
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, tree):
+    """Saves a tree of sharded arrays, every process writing only its shards: Orbax for jax arrays, torch DCP for
+    (D)Tensors. `path` is a folder that must not exist yet."""
+    leaf = next(iter(_flatten(tree).values()))
+    if type(leaf).__module__.startswith("torch"):
+        import torch.distributed.checkpoint as dcp
+        dcp.save(_flatten(tree), checkpoint_id=path)
+        return
+    import orbax.checkpoint as ocp
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.abspath(path), tree)
+
+
+def load_checkpoint(path, target):
+    """Restores a checkpoint onto the layout of `target`, whatever mesh it was saved from: for JAX a tree of
+    ShapeDtypeStructs with shardings (abstract_params), for torch a tree of DTensors (empty_params_torch, filled in
+    place and returned)."""
+    leaf = next(iter(_flatten(target).values()))
+    if type(leaf).__module__.startswith("torch"):
+        import torch.distributed.checkpoint as dcp
+        flat = _flatten(target)
+        dcp.load(flat, checkpoint_id=path)
+        return _unflatten(flat)
+    import orbax.checkpoint as ocp
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(os.path.abspath(path), target)
