@@ -41,6 +41,16 @@ RULES = {
     "layers": None,
     "norm": None,
     "head_dim": None,
+    # Qwen3-Next: Gated DeltaNet heads over tp; packed per-head projections, the conv channels (q, k, v of all heads
+    # side by side), the router's expert outputs and the MTP input stay whole
+    "lin_k_heads": "tp",
+    "lin_v_heads": "tp",
+    "lin_qkvz": None,
+    "lin_ba": None,
+    "lin_conv": None,
+    "conv_k": None,
+    "experts_r": None,
+    "mtp_fc": None,
 }
 
 

@@ -8,15 +8,15 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention
             linear_num_value_heads=8, linear_key_head_dim=16, linear_value_head_dim=16)
 
 MESHES_JAX = {"dense": ["fsdp=8", "fsdp=2,tp=4"], "moe": ["fsdp=8", "fsdp=2,tp=4", "fsdp=2,tp=2,ep=2"]}
-MESHES_TORCH = {"dense": ["fsdp=4", "fsdp=2,tp=2"], "moe": ["fsdp=4", "fsdp=2,tp=2", "fsdp=2,ep=2"]}
+MESHES_TORCH = {"dense": ["fsdp=4", "fsdp=2,tp=2"], "moe": ["fsdp=4", "fsdp=2,ep=2"]}
 
 
 def tiny_cfg(model):
     base = model.SIZES["debug"]
     fields = {f.name for f in dataclasses.fields(base)}
     cfg = dataclasses.replace(base, **{k: v for k, v in TINY.items() if k in fields})
-    if "full_attention_interval" in fields:  # Qwen3-Next: one repeating block (3 linear + 1 full) is enough
-        cfg = dataclasses.replace(cfg, num_hidden_layers=cfg.full_attention_interval)
+    if "layer_types" in fields:  # Qwen3-Next: one repeating block (3 linear + 1 full) is enough
+        cfg = dataclasses.replace(cfg, num_hidden_layers=4, layer_types=tuple(base.layer_types[:4]))
     return cfg
 
 
