@@ -650,10 +650,9 @@ def attention_segments(q, k, v, segment_ids, causal=True):
 
 def moe_gmm_ref(lhs, rhs, group_sizes):
     """Grouped matmul reference: rows of lhs [M,K] sorted by group, group g (group_sizes[g] rows) times rhs[g]."""
-    out = []
-    for g, x in enumerate(torch.split(lhs, [int(s) for s in group_sizes.tolist()], 0)):
-        out.append(x @ rhs[g])
-    rest = lhs.shape[0] - int(group_sizes.sum())
+    sizes = [int(s) for s in group_sizes.tolist()]
+    out = [x @ rhs[g] for g, x in enumerate(torch.split(lhs[:sum(sizes)], sizes, 0))]
+    rest = lhs.shape[0] - sum(sizes)
     if rest:
         out.append(lhs.new_zeros(rest, rhs.shape[-1]))
     return torch.cat(out, 0)

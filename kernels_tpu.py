@@ -475,13 +475,28 @@ def _flash(q, k, v, ab, segment_ids, causal, interpret):
     G = q.shape[2] // k.shape[2]
     qh, kh, vh = (jnp.moveaxis(x, 2, 1) for x in (q, jnp.repeat(k, G, 2), jnp.repeat(v, G, 2)))  # [B, H, T, D]
     seg = None if segment_ids is None else fa.SegmentIds(q=segment_ids, kv=segment_ids)
-    call = functools.partial(fa.flash_attention, qh, kh, vh, ab, seg, causal=causal, sm_scale=q.shape[-1] ** -0.5)
-    if interpret:
-        with pltpu.force_tpu_interpret_mode():
-            o = call()
-    else:
-        o = call()
+    call = functools.partial(fa.flash_attention, segment_ids=seg, causal=causal, sm_scale=q.shape[-1] ** -0.5)
+    o = (_interpreted(call) if interpret else call)(qh, kh, vh, ab)
     return jnp.moveaxis(o, 1, 2)
+
+
+def _interpreted(fn):
+    """fn under pltpu.force_tpu_interpret_mode(), its backward included (traced later, outside a `with` block)."""
+    @jax.custom_vjp
+    def f(*args):
+        with pltpu.force_tpu_interpret_mode():
+            return fn(*args)
+
+    def fwd(*args):
+        with pltpu.force_tpu_interpret_mode():
+            return jax.vjp(fn, *args)
+
+    def bwd(vjp, ct):
+        with pltpu.force_tpu_interpret_mode():
+            return vjp(ct)
+
+    f.defvjp(fwd, bwd)
+    return f
 
 
 def attention(q, k, v, mask, *, interpret=False):
