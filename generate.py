@@ -342,19 +342,22 @@ def generate(model, cfg, params, prompts, max_new_tokens=32, temperature=0.0, to
 
 
 # ----------------------------------------------------------------------------------------------- command line
-def _kernels(choice, backend):
-    """--kernels auto: the platform's kernel set when kernels_gpu.py / kernels_tpu.py provide one for this backend
-    and machine; ref: the model files' reference ops."""
+def _kernels(choice, backend, dtype):
+    """The `kernels` dict: kernels_tpu.select (JAX) or kernels_gpu.select (torch); `auto` takes what applies to
+    this machine and dtype (on a CPU: nothing, the model files' references), `ref` nothing."""
     if choice == "ref":
         return None
     import importlib
-    name = "kernels_gpu" if backend == "torch" else "kernels_tpu"
+    import convert
     try:
-        mod = importlib.import_module(name)
-    except ImportError:
-        return None
-    pick = getattr(mod, "auto_kernels", None)
-    return pick() if callable(pick) else None
+        mod = importlib.import_module("kernels_tpu" if backend == "jax" else "kernels_gpu")
+        return mod.select(choice, dtype=dtype) or None
+    except (ImportError, AttributeError) as e:
+        if choice == "auto":
+            return None
+        raise convert.UserError(f"--kernels {choice}: the kernels module is unavailable ({e})") from None
+    except ValueError as e:
+        raise convert.UserError(f"--kernels {choice}: {e}") from None
 
 
 class _Printer:
@@ -425,7 +428,7 @@ def _cli(hf, ckpt, prompt, chat, think, system, max_new_tokens, temperature, top
     printer = _Printer(tok)
     stats = {}
     generate(model, cfg, params, [ids], max_new_tokens, temperature, top_k, top_p, seed, eos_ids=eos,
-             kernels=_kernels(kernels, backend), stream=printer, stats=stats)
+             kernels=_kernels(kernels, backend, dtype), stream=printer, stats=stats)
     printer.finish()
     if stats:
         p, d = stats["prefill_tokens"], stats["decode_tokens"]
