@@ -522,7 +522,8 @@ def _orbax_checkpointer(progress):
                         process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint))
                     t = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
                     for i, a in value.blocks():
-                        await (t if i is None else t[i]).write(a)
+                        # the block is not touched again: tensorstore may use it without a copy
+                        await (t if i is None else t[i]).write(a, can_reference_source_data_indefinitely=True)
                         if self.progress:
                             self.progress.update(a.nbytes, 1 if i is None else 0)
                     if self.progress and value.stacked:
@@ -553,7 +554,8 @@ def _save_orbax(path, leaves, progress=None):
 
 def _save_dcp(path, leaves, progress=None):
     """torch.distributed.checkpoint of the flat {name: tensor} dict. The plan is made from meta tensors and each
-    tensor is produced only when the writer asks for it (resolve_data), so one tensor is in memory at a time."""
+    tensor is produced only when the writer asks for it (resolve_data), one file per tensor, so one tensor (a whole
+    stacked param in the scanned layout) is in memory at a time."""
     import warnings
 
     import torch
@@ -574,7 +576,9 @@ def _save_dcp(path, leaves, progress=None):
     sd = {n: torch.empty(leaf.shape, dtype=_torch_dtype(leaf.dtype), device="meta") for n, leaf in leaves.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save(sd, storage_writer=dcp.FileSystemWriter(path, thread_count=1), planner=LazyPlanner())
+        # one file per tensor: DCP's writer keeps every tensor of a file alive until that file is closed
+        dcp.save(sd, storage_writer=dcp.FileSystemWriter(path, thread_count=1, single_file_per_rank=False),
+                 planner=LazyPlanner())
 
 
 def _write_leaves(folder, fmt, leaves, what):
