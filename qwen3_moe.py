@@ -24,15 +24,16 @@ moves it with `update_router_bias(bias, aux["expert_counts"], rate)` after each 
 Params are a nested dict of plain arrays (jax.Array or torch.Tensor), einsum-ready:
     embed [vocab, embed]; norm [embed]; lm_head [embed, vocab] (untied sizes)
     layers.*  attention and norms of all L layers, as qwen3: wq [L, embed, q_heads, head_dim], ...
-    moe.router [S, embed, experts];  moe.w_gate, moe.w_up [S, experts, embed, moe_mlp];  moe.w_down [S, experts, moe_mlp, embed]
+    moe.router [S, embed, experts];  moe.w_gate, moe.w_up [S, experts, embed, moe_mlp]
+    moe.w_down [S, experts, moe_mlp, embed]
     mlp.w_gate, mlp.w_up [D, embed, mlp];  mlp.w_down [D, mlp, embed]      (only when some layers are dense)
-S = number of sparse layers, D = number of dense ones. When every layer is sparse, JAX scans over the layers;
-otherwise the layers run in a Python loop. Checkpoints load from the hub's per-expert tensors
-(mlp.experts.E.gate_proj.weight ...) or from transformers 5's fused ones (mlp.experts.gate_up_proj [E, 2I, H],
-gate rows first; mlp.experts.down_proj [E, H, I]); export writes the hub layout.
+S = number of sparse layers, D = number of dense ones; logical axes as qwen3's plus "experts" and "moe_mlp".
+When every layer is sparse, JAX scans over the layers; otherwise the layers run in a Python loop.
+Checkpoints load from the hub's per-expert tensors (mlp.experts.E.gate_proj.weight ...) or from transformers 5's
+fused ones (mlp.experts.gate_up_proj [E, 2I, H], gate rows first; mlp.experts.down_proj [E, H, I]); export
+writes the hub layout.
 The backend is picked from the arrays passed in; nothing here imports another project file.
 """
-import dataclasses
 import json
 import math
 import re
@@ -794,7 +795,8 @@ def _stack(xp, stats):
 
 def _aux(xp, stats, valid, cfg):
     """transformers' load_balancing_loss_func: with f_e the share of top-k slots and P_e the mean probability of
-    expert e, both over every sparse layer's rows together, aux = X * sum_e f_e * P_e."""
+    expert e, both over every sparse layer's rows together, aux = X * sum_e f_e * P_e. Padding (segment 0) is left
+    out, as HF's attention_mask does; with a router_bias, f counts the experts actually chosen."""
     if stats is None:
         zero = xp.asarray(0, "int32", like=valid)
         return {"router_aux_loss": xp.cast(zero, "float32"), "expert_counts": None, "dropped": zero}

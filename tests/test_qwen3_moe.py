@@ -102,7 +102,8 @@ def test_config_layers():
 
 
 def test_fused_layout(ckpts, tmp_path, backend):
-    """The norm_top4 checkpoint rewritten as transformers 5 keeps it in memory: fused gate_up/down, num_local_experts."""
+    """The norm_top4 checkpoint rewritten as transformers 5 holds it in memory: fused experts.gate_up_proj and
+    experts.down_proj, `num_local_experts` in config.json."""
     from safetensors.numpy import load_file, save_file
     src, tokens, ref = ckpts["norm_top4"]
     cfg = qwen3_moe.Config.from_hf(json.load(open(os.path.join(src, "config.json"))))
@@ -162,10 +163,10 @@ def test_prefill_decode_equals_forward(ckpts, case, backend):
 
 
 # ----------------------------------------------------------------------------------------------- dispatch
-def _one_expert_setup(backend, k=4, winner=5, seed=0):
+def _one_expert_setup(backend, k=4, winner=5, seed=0, moe_mlp=16):
     """x [2, 24, 32] whose feature 0 is always positive and a router on which expert `winner` wins by a mile for
     every token: all B*T tokens go to one expert (their other k-1 slots spread over the rest)."""
-    cfg = dataclasses.replace(qwen3_moe.SIZES["debug"], hidden_size=32, moe_intermediate_size=16,
+    cfg = dataclasses.replace(qwen3_moe.SIZES["debug"], hidden_size=32, moe_intermediate_size=moe_mlp,
                               num_experts_per_tok=k, norm_topk_prob=True)
     rs = np.random.RandomState(seed)
     x = rs.randn(2, 24, 32).astype(np.float32)
@@ -173,8 +174,8 @@ def _one_expert_setup(backend, k=4, winner=5, seed=0):
     router = (0.1 * rs.randn(32, 16)).astype(np.float32)
     router[:, winner] = 0.0
     router[0, winner] = 5.0  # logit >= 10, the others about N(0, 0.6)
-    mp = {"router": router, "w_gate": 0.3 * rs.randn(16, 32, 16), "w_up": 0.3 * rs.randn(16, 32, 16),
-          "w_down": 0.3 * rs.randn(16, 16, 32)}
+    mp = {"router": router, "w_gate": 0.3 * rs.randn(16, 32, moe_mlp), "w_up": 0.3 * rs.randn(16, 32, moe_mlp),
+          "w_down": 0.3 * rs.randn(16, moe_mlp, 32)}
     mp = {n: np.asarray(a, np.float32) for n, a in mp.items()}
     return cfg, x, mp
 
@@ -222,6 +223,15 @@ def test_dropless_every_slot_computed(backend):
     assert np.abs(to_np(y) - ref).max() <= 1e-5
 
 
+def test_torch_grouped_mm_fallback():
+    """moe_intermediate_size 6: rows of 24 bytes, which torch._grouped_mm refuses; the per-expert loop runs."""
+    cfg, x, mp = _one_expert_setup("torch", moe_mlp=6)
+    y, stats = _moe(x, mp, cfg, "torch")
+    ref, counts, _ = _reference_moe(x, mp, cfg)
+    np.testing.assert_array_equal(to_np(stats["counts"]), counts)
+    assert np.abs(to_np(y) - ref).max() <= 1e-5
+
+
 def test_capacity_drops_and_counts(backend):
     cfg, x, mp = _one_expert_setup(backend)
     cfg = dataclasses.replace(cfg, capacity_factor=1.0)
@@ -253,6 +263,47 @@ def test_router_bias(backend):
     y, stats = _moe(x, mp, cfg, backend, bias)
     counts = to_np(stats["counts"])
     assert counts[9] == 48 and counts[5] == 48
+
+
+def test_router_bias_in_forward(ckpts):
+    """forward_hidden takes router_bias [n_sparse, E]: a large bias on expert 7 of the one sparse layer takes
+    every token there (torch; the loop and the scan share moe())."""
+    folder, tokens, _ = ckpts["step2_mlp_only"]
+    _, cfg, params = convert.load_hf(folder, backend="torch")
+    bias = np.zeros((1, 16), np.float32)
+    bias[0, 7] = 10.0
+    _, aux = run(params, as_backend(tokens, "torch"), cfg, as_backend(bias, "torch"))
+    assert to_np(aux["expert_counts"])[0, 7] == tokens.size
+
+
+def test_gradients_jax_equals_torch():
+    """Training path: d(mean logits^2 + coef * aux loss)/d(every param), JAX (ragged_dot, scan) == torch
+    (_grouped_mm autograd)."""
+    import jax
+    import torch
+    cfg = dataclasses.replace(qwen3_moe.SIZES["debug"], hidden_size=32, num_attention_heads=4, head_dim=16,
+                              moe_intermediate_size=16, vocab_size=128, initializer_range=0.2)
+    pt = qwen3_moe.init(cfg, "torch", seed=1)
+    pj = {k: to_backend_tree(v) for k, v in pt.items()}
+    tokens = np.random.RandomState(0).randint(0, 128, (2, 16))
+
+    def loss(p, t):
+        logits, aux = _run(p, t, cfg)
+        return (logits ** 2).mean() + cfg.router_aux_loss_coef * aux["router_aux_loss"]
+
+    gj = jax.jit(jax.grad(loss))(pj, as_backend(tokens, "jax"))
+    names = [k for k in qwen3_moe.param_table(cfg)]
+    get = lambda tree, n: tree[n] if "." not in n else tree[n.split(".")[0]][n.split(".")[1]]  # noqa: E731
+    leaves = [get(pt, n).requires_grad_(True) for n in names]
+    gt = torch.autograd.grad(loss(pt, as_backend(tokens, "torch")), leaves)
+    for n, g in zip(names, gt):
+        assert np.abs(to_np(g) - to_np(get(gj, n))).max() <= 1e-6, n
+    assert np.abs(to_np(gt[names.index("moe.w_gate")])).max() > 1e-3
+
+
+def to_backend_tree(v):
+    import jax.numpy as jnp
+    return {k: jnp.asarray(a.numpy()) for k, a in v.items()} if isinstance(v, dict) else jnp.asarray(v.numpy())
 
 
 def test_update_router_bias(backend):
