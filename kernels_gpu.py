@@ -669,9 +669,10 @@ def moe_gmm(lhs, rhs, group_sizes):
                      and lhs.dtype == rhs.dtype)):
         return moe_gmm_ref(lhs, rhs, group_sizes)
     offs = torch.cumsum(group_sizes.to(torch.int32), 0, dtype=torch.int32)
-    out = torch._grouped_mm(lhs, rhs, offs=offs)
-    used = offs[-1]
-    return torch.where(torch.arange(lhs.shape[0], device=lhs.device)[:, None] < used, out, 0)
+    used = torch.arange(lhs.shape[0], device=lhs.device)[:, None] < offs[-1]
+    # rows past the groups: _grouped_mm leaves them undefined in the output and in d lhs, so mask both ways
+    out = torch._grouped_mm(torch.where(used, lhs, 0), rhs, offs=offs)
+    return torch.where(used, out, 0)
 
 
 # ============================================================================================ selection
