@@ -20,7 +20,6 @@ Without a GPU the script says so and exits 0; --interpret runs the same code pat
 timings are of numpy emulation, not performance.
 """
 import argparse
-import math
 import os
 import sys
 import time

@@ -15,7 +15,7 @@ Wrapped (torch ships them; each behind a guard that falls back to the local refe
                         use_qk_l2norm_in_kernel=False, chunk_size=64, segment_ids=None) -> (o, state [B,HV,K,V])
   "cross_entropy":    f(h [N,E], w [E,V], labels [N], ignore_index=-100, chunk=None) -> (loss_sum fp32, count)
   "rms_norm":         f(x, w, eps, *, residual=None, zero_centered=False) -> y, or (y, x + residual)
-  "moe_gmm":          f(lhs [M,K], rhs [G,K,N], group_sizes [G]) -> [M,N] (rows of lhs sorted by group)
+  "grouped_mm":       f(lhs [M,K], rhs [G,K,N], group_sizes [G]) -> [M,N] (rows of lhs sorted by group)
 
 Interpret mode: TRITON_INTERPRET=1 must be set before triton is imported. NANOQWEN_INTERPRET=1 sets it when this
 file is the first to import triton, and makes select("auto") on a CPU pick the kernels (run by the interpreter),
@@ -24,6 +24,7 @@ one after another in numpy: it checks the math, not TF32/bf16 rounding, races or
 """
 import math
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,8 @@ try:
 except ImportError:  # the reference paths and torch wrappers still work
     triton = tl = None
 
-KEYS = ("attention", "gated_delta_rule", "cross_entropy", "rms_norm", "moe_gmm")
+# the keys the model files look up (qwen3_moe calls kernels.get("grouped_mm", ...))
+KEYS = ("attention", "gated_delta_rule", "cross_entropy", "rms_norm", "grouped_mm")
 
 
 def interpreting():
@@ -643,8 +645,10 @@ def attention_segments(q, k, v, segment_ids, causal=True):
     if q.is_cuda:
         _flex_compiled = _flex_compiled or torch.compile(flex_attention, dynamic=False)
         fn = _flex_compiled
-    o = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, scale=q.shape[-1] ** -0.5,
-           enable_gqa=True)
+    with warnings.catch_warnings():  # eager flex on CPU warns that it is unfused: known, it is the CPU path
+        warnings.simplefilter("ignore", UserWarning)
+        o = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm,
+               scale=q.shape[-1] ** -0.5, enable_gqa=True)
     return o.transpose(1, 2)
 
 
@@ -695,9 +699,9 @@ def select(mode="auto", platform=None, dtype=None):
     table = {}
     if platform == "cuda" or interpreting():
         table["attention"] = attention
-        table["moe_gmm"] = moe_gmm
+        table["grouped_mm"] = moe_gmm
     else:
-        why["attention"] = why["moe_gmm"] = f"the torch kernels are not faster than the reference on {platform}"
+        why["attention"] = why["grouped_mm"] = f"the torch kernels are not faster than the reference on {platform}"
     for key, fn in (("gated_delta_rule", gated_delta_rule), ("cross_entropy", fused_linear_cross_entropy),
                     ("rms_norm", rms_norm)):
         if triton_ok and dtype in (None, torch.float32, torch.bfloat16, torch.float16):

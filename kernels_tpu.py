@@ -18,7 +18,7 @@ Wrapped (jax ships them; each behind a guard that falls back to the reference):
   "gated_delta_rule": f(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                         use_qk_l2norm_in_kernel=False, chunk_size=64, segment_ids=None) -> (o, state [B,HV,K,V])
   "cross_entropy":    f(h [N,E], w [E,V], labels [N], ignore_index=-100, chunk=None) -> (loss_sum fp32, count)
-  "moe_gmm":          f(lhs [M,K], rhs [G,K,N], group_sizes [G] int) -> [M,N] (rows of lhs sorted by group)
+  "grouped_mm":       f(lhs [M,K], rhs [G,K,N], group_sizes [G] int) -> [M,N] (rows of lhs sorted by group)
 
 Off TPU, Pallas runs only in interpret mode: `interpret=True` here, or NANOQWEN_INTERPRET=1 for select("auto") on
 CPU. Interpret mode checks the math; it does not enforce Mosaic's tiling rules, so the TPU lowering of the Gated
@@ -34,7 +34,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-KEYS = ("attention", "gated_delta_rule", "cross_entropy", "rms_norm", "moe_gmm")
+# the keys the model files look up (qwen3_moe calls kernels.get("grouped_mm", ...))
+KEYS = ("attention", "gated_delta_rule", "cross_entropy", "rms_norm", "grouped_mm")
 _HI = jax.lax.Precision.HIGHEST
 _F32 = jnp.float32
 
@@ -563,11 +564,12 @@ def select(mode="auto", platform=None, dtype=None):
         if dtype in (None, jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
             table["attention"] = functools.partial(attention, interpret=interp)
             table["gated_delta_rule"] = functools.partial(gated_delta_rule, interpret=interp)
-            table["moe_gmm"] = functools.partial(moe_gmm, interpret=interp)
+            table["grouped_mm"] = functools.partial(moe_gmm, interpret=interp)
         else:
-            why["attention"] = why["gated_delta_rule"] = why["moe_gmm"] = f"Pallas kernels take fp32/bf16, not {dtype}"
+            for key in ("attention", "gated_delta_rule", "grouped_mm"):
+                why[key] = f"Pallas kernels take fp32/bf16, not {dtype}"
     else:
-        why["attention"] = why["gated_delta_rule"] = why["moe_gmm"] = (
+        why["attention"] = why["gated_delta_rule"] = why["grouped_mm"] = (
             f"the Pallas TPU kernels need a TPU (or NANOQWEN_INTERPRET=1), not {platform}")
     table["cross_entropy"] = fused_linear_cross_entropy  # plain JAX: applies everywhere
     if mode == "auto":

@@ -210,7 +210,7 @@ def test_select(monkeypatch):
     assert kt.select("ref") == {}
     assert kt.select("auto", platform="cpu") == {}
     assert set(kt.select("cross_entropy", platform="cpu")) == {"cross_entropy"}
-    assert set(kt.select("auto", platform="tpu")) == {"attention", "gated_delta_rule", "cross_entropy", "moe_gmm"}
+    assert set(kt.select("auto", platform="tpu")) == {"attention", "gated_delta_rule", "cross_entropy", "grouped_mm"}
     assert set(kt.select("auto", platform="tpu", dtype="float16")) == {"cross_entropy"}
     with pytest.raises(ValueError, match="XLA fuses"):
         kt.select("rms_norm", platform="tpu")
@@ -220,5 +220,5 @@ def test_select(monkeypatch):
         kt.select("flash", platform="tpu")
     monkeypatch.setenv("NANOQWEN_INTERPRET", "1")
     ks = kt.select("auto", platform="cpu")
-    assert set(ks) == {"attention", "gated_delta_rule", "cross_entropy", "moe_gmm"}
+    assert set(ks) == {"attention", "gated_delta_rule", "cross_entropy", "grouped_mm"}
     assert ks["gated_delta_rule"].keywords == {"interpret": True}
