@@ -65,6 +65,32 @@ def tokens(B, T, seed=0, vocab=128):
     return np.random.RandomState(seed).randint(0, vocab, (B, T))
 
 
+_JIT = {}
+_CFG_ARG = {"forward": 2, "forward_hidden": 2, "mtp_forward": 3, "mtp_step": 3}
+
+
+def fn(mod, name, backend):
+    """mod.<name>, jitted on JAX with cfg static: an eager JAX call re-traces and compiles every lax.scan it meets,
+    a jitted one compiles once per shape."""
+    if backend != "jax":
+        return getattr(mod, name)
+    if name not in _JIT:
+        import jax
+        _JIT[name] = jax.jit(getattr(mod, name), static_argnums=(_CFG_ARG[name],))
+    return _JIT[name]
+
+
+def core(name, backend):
+    """A delta-rule reference (chunk_/recurrent_gated_delta_rule_ref), jitted on JAX."""
+    f = getattr(qwen3_next, name + "_gated_delta_rule_ref")
+    if backend != "jax":
+        return f
+    if name not in _JIT:
+        import jax
+        _JIT[name] = jax.jit(f, static_argnames=("output_final_state", "use_qk_l2norm_in_kernel", "chunk_size"))
+    return _JIT[name]
+
+
 # ----------------------------------------------------------------------------------------------- parity
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_parity_with_transformers(ckpts, name, backend):
@@ -76,7 +102,7 @@ def test_parity_with_transformers(ckpts, name, backend):
     for T in lengths:
         toks = tokens(2, T, seed=T)
         ref = hf_logits(model, toks)
-        ours, _ = mod.forward(params, as_backend(toks, backend), cfg)
+        ours, _ = fn(mod, "forward", backend)(params, as_backend(toks, backend), cfg)
         kl = max_kl(ref, ours)
         assert kl <= 1e-8, (name, T, kl)
         assert np.abs(to_np(ref) - to_np(ours)).max() < 1e-3
@@ -88,7 +114,7 @@ def test_router_aux_loss_matches_transformers(ckpts, backend):
     toks = tokens(2, 20)
     with torch.no_grad():
         out = model(torch.as_tensor(toks), output_router_logits=True)
-    _, _, aux = mod.forward_hidden(params, as_backend(toks, backend), cfg)
+    _, _, aux = fn(mod, "forward_hidden", backend)(params, as_backend(toks, backend), cfg)
     np.testing.assert_allclose(to_np(aux["router_aux_loss"]), out.aux_loss.item(), rtol=1e-5)
     counts = to_np(aux["expert_counts"])
     assert counts.shape == (5, 4) and (counts.sum(1) == 2 * 20 * 2).all()
@@ -108,19 +134,19 @@ def _gdn_inputs(backend, B=2, T=150, H=2, HV=6, K=8, V=8, seed=0):
 def test_chunked_equals_recurrent(backend):
     q, k, v, g, beta, s0 = _gdn_inputs(backend)
     kw = dict(initial_state=s0, output_final_state=True, use_qk_l2norm_in_kernel=True)
-    o_r, s_r = qwen3_next.recurrent_gated_delta_rule_ref(q, k, v, g, beta, **kw)
+    o_r, s_r = core("recurrent", backend)(q, k, v, g, beta, **kw)
     for C in (16, 64):
-        o_c, s_c = qwen3_next.chunk_gated_delta_rule_ref(q, k, v, g, beta, chunk_size=C, **kw)
+        o_c, s_c = core("chunk", backend)(q, k, v, g, beta, chunk_size=C, **kw)
         np.testing.assert_allclose(to_np(o_c), to_np(o_r), atol=2e-5)
         np.testing.assert_allclose(to_np(s_c), to_np(s_r), atol=2e-5)
     # the prompt fed at once vs token by token (recurrent steps carrying the state)
     s, outs = s0, []
     for t in range(12):
-        o, s = qwen3_next.recurrent_gated_delta_rule_ref(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1],
+        o, s = core("recurrent", backend)(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1],
                                                          beta[:, t:t + 1], initial_state=s, output_final_state=True,
                                                          use_qk_l2norm_in_kernel=True)
         outs.append(to_np(o))
-    o_c, s_c = qwen3_next.chunk_gated_delta_rule_ref(q[:, :12], k[:, :12], v[:, :12], g[:, :12], beta[:, :12], **kw)
+    o_c, s_c = core("chunk", backend)(q[:, :12], k[:, :12], v[:, :12], g[:, :12], beta[:, :12], **kw)
     np.testing.assert_allclose(np.concatenate(outs, 1), to_np(o_c), atol=2e-5)
     np.testing.assert_allclose(to_np(s), to_np(s_c), atol=2e-5)
 
@@ -130,7 +156,7 @@ def test_chunked_matches_transformers_reference():
     ref = getattr(M.torch_chunk_gated_delta_rule, "__wrapped__", M.torch_chunk_gated_delta_rule)
     q, k, v, g, beta, s0 = _gdn_inputs("torch", T=130)
     o1, s1 = ref(q, k, v, g=g, beta=beta, initial_state=s0, output_final_state=True, use_qk_l2norm_in_kernel=True)
-    o2, s2 = qwen3_next.chunk_gated_delta_rule_ref(q, k, v, g, beta, initial_state=s0, output_final_state=True,
+    o2, s2 = core("chunk", "torch")(q, k, v, g, beta, initial_state=s0, output_final_state=True,
                                                    use_qk_l2norm_in_kernel=True)
     np.testing.assert_allclose(to_np(o2), to_np(o1), atol=1e-6)
     np.testing.assert_allclose(to_np(s2), to_np(s1), atol=1e-6)
@@ -141,7 +167,7 @@ def test_segments_restart_the_delta_rule(backend):
     q, k, v, g, beta, _ = _gdn_inputs(backend, T=90)
     bounds = [(0, 40), (40, 41), (41, 90)]
     seg = np.concatenate([np.full(b - a, i + 1) for i, (a, b) in enumerate(bounds)])[None].repeat(2, 0)
-    for f in (qwen3_next.chunk_gated_delta_rule_ref, qwen3_next.recurrent_gated_delta_rule_ref):
+    for f in (core("chunk", backend), core("recurrent", backend)):
         o, s = f(q, k, v, g, beta, output_final_state=True, use_qk_l2norm_in_kernel=True,
                  segment_ids=as_backend(seg, backend))
         for a, b in bounds:
@@ -158,12 +184,12 @@ def test_prefill_then_decode_equals_full_forward(ckpts, name, backend):
     mod, cfg, params = convert.load_hf(path, backend=backend)
     T, N = 66, 5
     toks = tokens(2, T + N, seed=3)
-    full, _ = mod.forward(params, as_backend(toks, backend), cfg)
+    full, _ = fn(mod, "forward", backend)(params, as_backend(toks, backend), cfg)
     cache = mod.init_cache(cfg, 2, 80, backend=backend)
     parts = [(0, T - 3), (T - 3, T), *((t, t + 1) for t in range(T, T + N))]  # prefill, a 3-token chunk, steps
     got = []
     for a, b in parts:
-        lg, cache = mod.forward(params, as_backend(toks[:, a:b], backend), cfg, cache)
+        lg, cache = fn(mod, "forward", backend)(params, as_backend(toks[:, a:b], backend), cfg, cache)
         got.append(to_np(lg))
     assert int(to_np(cache["len"])) == T + N
     np.testing.assert_allclose(np.concatenate(got, 1), to_np(full), atol=1e-5)
@@ -188,13 +214,13 @@ def test_jax_equals_torch_on_same_params():
     toks = tokens(2, 70, vocab=cfg.vocab_size)
     seg = np.repeat([[1] * 30 + [2] * 40], 2, 0)
     lt, _ = qwen3_next.forward(pt, torch.as_tensor(toks), cfg, segment_ids=torch.as_tensor(seg))
-    lj, _ = qwen3_next.forward(pj, jnp.asarray(toks), cfg, segment_ids=jnp.asarray(seg))
+    lj, _ = fn(qwen3_next, "forward", "jax")(pj, jnp.asarray(toks), cfg, segment_ids=jnp.asarray(seg))
     np.testing.assert_allclose(to_np(lj), to_np(lt), atol=1e-5)
     ht, _, _ = qwen3_next.forward_hidden(pt, torch.as_tensor(toks), cfg)
-    hj, _, _ = qwen3_next.forward_hidden(pj, jnp.asarray(toks), cfg)
+    hj, _, _ = fn(qwen3_next, "forward_hidden", "jax")(pj, jnp.asarray(toks), cfg)
     nt = torch.as_tensor(np.roll(toks, -1, 1))
     mt = qwen3_next.mtp_forward(pt, ht, nt, cfg)
-    mj = qwen3_next.mtp_forward(pj, hj, jnp.asarray(np.roll(toks, -1, 1)), cfg)
+    mj = fn(qwen3_next, "mtp_forward", "jax")(pj, hj, jnp.asarray(np.roll(toks, -1, 1)), cfg)
     np.testing.assert_allclose(to_np(mj), to_np(mt), atol=1e-5)
 
 
@@ -221,11 +247,11 @@ def test_packed_documents_equal_separate_runs(ckpts, backend):
     lens = [50, 2, 45]  # crosses a chunk boundary; a document shorter than the conv window
     toks = tokens(2, sum(lens), seed=7)
     seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lens)])[None].repeat(2, 0)
-    packed, _ = mod.forward(params, as_backend(toks, backend), cfg, segment_ids=as_backend(seg, backend))
-    unpacked, _ = mod.forward(params, as_backend(toks, backend), cfg)
+    packed, _ = fn(mod, "forward", backend)(params, as_backend(toks, backend), cfg, segment_ids=as_backend(seg, backend))
+    unpacked, _ = fn(mod, "forward", backend)(params, as_backend(toks, backend), cfg)
     a = 0
     for n in lens:
-        alone, _ = mod.forward(params, as_backend(toks[:, a:a + n], backend), cfg)
+        alone, _ = fn(mod, "forward", backend)(params, as_backend(toks[:, a:a + n], backend), cfg)
         np.testing.assert_allclose(to_np(packed)[:, a:a + n], to_np(alone), atol=2e-5)
         a += n
     assert np.abs(to_np(packed)[:, 50:] - to_np(unpacked)[:, 50:]).max() > 1e-2  # the segments did something
@@ -237,13 +263,13 @@ def test_packed_decode_restarts_state(ckpts, backend):
     mod, cfg, params = convert.load_hf(path, backend=backend)
     toks = tokens(1, 12, seed=9)
     cache = mod.init_cache(cfg, 1, 16, backend=backend)
-    _, cache = mod.forward(params, as_backend(toks[:, :7], backend), cfg, cache)
+    _, cache = fn(mod, "forward", backend)(params, as_backend(toks[:, :7], backend), cfg, cache)
     seg2 = as_backend(np.full((1, 1), 2), backend)
     got = []
     for t in range(7, 12):
-        lg, cache = mod.forward(params, as_backend(toks[:, t:t + 1], backend), cfg, cache, segment_ids=seg2)
+        lg, cache = fn(mod, "forward", backend)(params, as_backend(toks[:, t:t + 1], backend), cfg, cache, segment_ids=seg2)
         got.append(to_np(lg))
-    alone, _ = mod.forward(params, as_backend(toks[:, 7:], backend), cfg)
+    alone, _ = fn(mod, "forward", backend)(params, as_backend(toks[:, 7:], backend), cfg)
     np.testing.assert_allclose(np.concatenate(got, 1), to_np(alone), atol=2e-5)
 
 
@@ -310,10 +336,10 @@ def test_mtp_loads_and_matches_reference(mtp_ckpt, backend):
     assert cfg.num_mtp_layers == 1 and "mtp" in params
     toks = tokens(2, 40, seed=11)
     ref_main = hf_logits(model, toks)  # transformers ignores mtp.*: the main model is unchanged
-    lg, _ = mod.forward(params, as_backend(toks, backend), cfg)
+    lg, _ = fn(mod, "forward", backend)(params, as_backend(toks, backend), cfg)
     assert max_kl(ref_main, lg) <= 1e-8
-    hidden, _, _ = mod.forward_hidden(params, as_backend(toks, backend), cfg)
-    ours = mod.mtp_forward(params, hidden[:, :-1], as_backend(toks[:, 1:], backend), cfg)
+    hidden, _, _ = fn(mod, "forward_hidden", backend)(params, as_backend(toks, backend), cfg)
+    ours = fn(mod, "mtp_forward", backend)(params, hidden[:, :-1], as_backend(toks[:, 1:], backend), cfg)
     with torch.no_grad():
         h_ref = model.model(torch.as_tensor(toks)).last_hidden_state
     ref = _mtp_reference(model, layer, mtp, h_ref[:, :-1], torch.as_tensor(toks[:, 1:]))
@@ -336,8 +362,8 @@ def test_mtp_weights_are_used(mtp_ckpt, tmp_path, backend):
     out = []
     for p in (path, other):
         mod, cfg, params = convert.load_hf(p, backend=backend)
-        h, _, _ = mod.forward_hidden(params, toks, cfg)
-        out.append(to_np(mod.mtp_forward(params, h[:, :-1], toks[:, 1:], cfg)))
+        h, _, _ = fn(mod, "forward_hidden", backend)(params, toks, cfg)
+        out.append(to_np(fn(mod, "mtp_forward", backend)(params, h[:, :-1], toks[:, 1:], cfg)))
     assert np.abs(out[0] - out[1]).max() > 1e-3
 
 
@@ -345,13 +371,13 @@ def test_mtp_cache_steps_equal_full(mtp_ckpt, backend):
     _, path, _, _ = mtp_ckpt
     mod, cfg, params = convert.load_hf(path, backend=backend)
     toks = as_backend(tokens(2, 12, seed=4), backend)
-    h, _, _ = mod.forward_hidden(params, toks, cfg)
-    full = mod.mtp_forward(params, h[:, :-1], toks[:, 1:], cfg)
+    h, _, _ = fn(mod, "forward_hidden", backend)(params, toks, cfg)
+    full = fn(mod, "mtp_forward", backend)(params, h[:, :-1], toks[:, 1:], cfg)
     cache = mod.init_mtp_cache(cfg, 2, 16, backend=backend)
-    lg, cache = mod.mtp_step(params, h[:, :6], toks[:, 1:7], cfg, cache)
+    lg, cache = fn(mod, "mtp_step", backend)(params, h[:, :6], toks[:, 1:7], cfg, cache)
     got = [to_np(lg)]
     for t in range(6, 11):
-        lg, cache = mod.mtp_step(params, h[:, t:t + 1], toks[:, t + 1:t + 2], cfg, cache)
+        lg, cache = fn(mod, "mtp_step", backend)(params, h[:, t:t + 1], toks[:, t + 1:t + 2], cfg, cache)
         got.append(to_np(lg))
     np.testing.assert_allclose(np.concatenate(got, 1), to_np(full), atol=1e-5)
 
