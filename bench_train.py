@@ -35,6 +35,16 @@ def cfg():
     return qwen3.Config(**SHAPE)
 
 
+def torch_bf16_rate():
+    """GFLOP/s of a 512^3 bfloat16 matmul in torch; CPUs without AVX512-BF16/AMX fall to a scalar loop."""
+    import torch
+    a = torch.randn(512, 512).bfloat16()
+    a @ a
+    t = time.perf_counter()
+    a @ a
+    return 2 * 512 ** 3 / (time.perf_counter() - t) / 1e9
+
+
 def one(name, batch, seq, steps, warmup):
     """Runs one configuration in this process; prints one JSON line."""
     who, backend, dtype = CONFIGS[name]
@@ -85,8 +95,16 @@ def main():
     if a.one:
         return one(a.one, a.batch, a.seq, a.steps, a.warmup)
     rows = []
+    notes = []
     for name in a.only.split(","):
         t = time.time()
+        if name == "torch-bf16":
+            import torch
+            rate = torch_bf16_rate()
+            if not torch.cuda.is_available() and rate < 5:
+                notes.append(f"torch-bf16 skipped: torch's bfloat16 matmul runs at {rate:.2f} GFLOP/s on this CPU "
+                             "(no native bf16), a step would take tens of minutes")
+                continue
         r = subprocess.run([sys.executable, __file__, "--one", name, "--batch", str(a.batch), "--seq", str(a.seq),
                             "--steps", str(a.steps), "--warmup", str(a.warmup)], capture_output=True, text=True)
         lines = [x for x in r.stdout.splitlines() if x.startswith("{")]
@@ -105,6 +123,8 @@ def main():
         rel = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         mem = f"{r['peak_rss_gb'] / base['peak_rss_gb']:.2f}x" if base else "-"
         print(f"| {r['name']} | {r['tokens_per_s']:.0f} | {rel} | {100 * r['mfu']:.1f}% | {r['peak_rss_gb']:.2f} | {mem} |")
+    for n in notes:
+        print("\n" + n)
 
 
 if __name__ == "__main__":

@@ -420,8 +420,10 @@ class Loader:
             raise convert.UserError(f"{data}: token id {big} is outside the model's vocabulary ({vocab})")
         n_eval = min(max(1, R // 20), R - 1) if eval_rows and R > 1 else 0
         self.rows = {k: v[: R - n_eval] for k, v in rows.items()}
-        if n_eval:
-            self.eval = {k: v[R - n_eval:] for k, v in rows.items()}
+        if n_eval:  # padded with empty rows (segment 0, no targets) to whole batches
+            pad = -n_eval % batch
+            self.eval = {k: np.pad(v[R - n_eval:], ((0, pad), (0, 0)), constant_values=IGNORE if k == "labels" else 0)
+                         for k, v in rows.items()}
 
     def state(self):
         return {"epoch": self.epoch, "index": self.index}
@@ -575,8 +577,13 @@ class JaxTrainer:
             (loss, (metrics, counts)), g = grad_fn(params, extra, mb, (n_tokens, n_mtp))
             return jax.tree.map(jnp.add, g_acc, g), (loss, metrics, counts)
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, (losses, metrics, counts) = jax.lax.scan(micro, zeros, batch)
+        if self.a.accum == 1:  # no accumulator: one gradient tree fewer in memory
+            (loss, (metrics, counts)), grads = grad_fn(params, extra, {k: v[0] for k, v in batch.items()},
+                                                       (n_tokens, n_mtp))
+            losses, metrics, counts = loss[None], jax.tree.map(lambda x: x[None], metrics), jnp.asarray(counts)[None]
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            grads, (losses, metrics, counts) = jax.lax.scan(micro, zeros, batch)
         gnorm = optax.global_norm(grads)
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -779,7 +786,7 @@ class TorchTrainer:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v.detach()
         with torch.no_grad():
-            grads = [v.grad for v in self.flat.values()]
+            grads = [v.grad for v in self.flat.values() if v.grad is not None]
             gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             if gnorm > self.a.grad_clip:
                 torch._foreach_mul_(grads, self.a.grad_clip / gnorm)
@@ -802,7 +809,7 @@ class TorchTrainer:
         n = ((mb["labels"] != IGNORE).sum().clamp(min=1), (mb["labels"][:, 1:] != IGNORE).sum().clamp(min=1))
         loss, (metrics, _) = self.loss_fn(self.params, self.extra, mb, n)
         grads = torch.autograd.grad(loss, list(self.flat.values()))
-        return (float(loss), {k: float(v) for k, v in metrics.items()},
+        return (float(loss), {k: float(v.detach()) for k, v in metrics.items()},
                 {k: g.numpy() for k, g in zip(self.flat, grads)})
 
     def evaluate(self, batch):
@@ -818,7 +825,8 @@ class TorchTrainer:
         """The optimizer's state_dict with every tensor allocated, as DCP loads in place."""
         torch = self.torch
         sd = self.opt.state_dict()
-        for i, v in enumerate(self.flat.values()):
+        params = [v for g in self.opt.param_groups for v in g["params"]]  # state_dict numbers them in this order
+        for i, v in enumerate(params):
             sd["state"].setdefault(i, {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(v),
                                        "exp_avg_sq": torch.zeros_like(v)})
         return sd
