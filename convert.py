@@ -510,10 +510,18 @@ def _orbax_checkpointer(progress):
         from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
         class LeafHandler(type_handlers.NumpyHandler):
-            progress = None
+            progress, error = None, None
 
             async def _write(self, values, infos, args):
+                try:
+                    await self._write_all(values, infos, args)
+                except Exception as e:  # raised after save returns, so orbax does not log a traceback
+                    self.error = self.error or e
+
+            async def _write_all(self, values, infos, args):
                 for value, info, arg in zip(values, infos, args):
+                    if self.error:
+                        return
                     await info.await_path_creation()
                     local = (1,) + value.shape[1:] if value.stacked else value.shape
                     spec = ts_utils.build_array_write_spec(
@@ -540,16 +548,22 @@ def _orbax_checkpointer(progress):
 
 
 def _save_orbax(path, leaves, progress=None):
-    import orbax.checkpoint as ocp
     import logging
+
+    import orbax.checkpoint as ocp
     tree = _nest({leaf.name: leaf for leaf in leaves})
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.ERROR)  # "No jax.Array in TypeHandlerRegistry": expected, we write numpy
     try:
-        _orbax_checkpointer(progress).save(os.path.abspath(path), args=ocp.args.PyTreeSave(tree))
+        ckptr = _orbax_checkpointer(progress)
+        handler = _ORBAX["handler"]
+        handler.error = None
+        ckptr.save(os.path.abspath(path), args=ocp.args.PyTreeSave(tree))
     finally:
         absl.setLevel(level)
+    if handler.error:
+        raise handler.error
 
 
 def _save_dcp(path, leaves, progress=None):
@@ -1043,11 +1057,11 @@ def ckpt_to_hf(folder, out, fmt=None, dtype=None, max_shard_size="5GB", overwrit
     with atomic_dir(out, overwrite) as tmp:
         w = SafetensorsWriter(tmp, tensors, max_shard_size)
         progress = _Progress(f"{meta['format']}2hf", len(tensors), w.total)
-        last, block = None, None
+        last = block = x = a = None
         for name, i, names, shapes, _, to_hf in entries:
             sname, j, rest = where(name, i)
             if (sname, j) != last:
-                block, last = None, None
+                block = x = a = None  # drop the previous block before reading the next
                 block, last = store.read(sname, j), (sname, j)
             x = block[rest] if rest else block
             if out_dt is not None:
