@@ -111,6 +111,14 @@ def _leaves(tree):
         yield tree
 
 
+def _tree_map(f, tree):
+    if isinstance(tree, dict):
+        return {k: _tree_map(f, v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_tree_map(f, v) for v in tree)
+    return None if tree is None else f(tree)
+
+
 def _float_leaf(params):
     for x in _leaves(params):
         if "float" in str(x.dtype):
@@ -271,7 +279,6 @@ def steps(model, cfg, params, prompts, max_new_tokens=32, temperature=0.0, top_k
         import jax.numpy as jnp
         arr = jnp.asarray
         rng = jax.random.PRNGKey(seed)
-        params_dev = params
 
         def read(x):
             return np.asarray(x)
@@ -281,17 +288,16 @@ def steps(model, cfg, params, prompts, max_new_tokens=32, temperature=0.0, top_k
 
         def arr(x):
             return torch.as_tensor(x, device=dev, dtype=torch.long)
-        if dev.type != "cpu":
-            cache = {k: v.to(dev) for k, v in cache.items()} if isinstance(cache, dict) else cache
+        if dev.type != "cpu":  # init_cache allocates on the CPU; move every leaf, whatever the cache holds
+            cache = _tree_map(lambda a: a.to(dev), cache)
         rng = torch.Generator(device=dev).manual_seed(seed)
-        params_dev = params
 
         def read(x):
             return x.cpu().numpy()
     t0 = time.perf_counter()
     temp = np.float32(1.0 if greedy else temperature)
     temp = jnp.asarray(temp) if backend == "jax" else torch.as_tensor(temp, device=leaf.device)
-    ids, logits, cache, rng = dec.prefill(params_dev, cache, arr(tokens), arr(positions), arr(segs), rng, temp)
+    ids, logits, cache, rng = dec.prefill(params, cache, arr(tokens), arr(positions), arr(segs), rng, temp)
     first = read(ids)
     t1 = time.perf_counter()
     if stats is not None:
@@ -301,7 +307,7 @@ def steps(model, cfg, params, prompts, max_new_tokens=32, temperature=0.0, top_k
     for i in range(max_new_tokens):
         nxt = None
         if i + 1 < max_new_tokens:  # dispatch step i+1 before reading step i's ids (JAX runs it meanwhile)
-            nxt = dec.step(params_dev, cache, pending, pos, rng, temp)
+            nxt = dec.step(params, cache, pending, pos, rng, temp)
             cache, rng = nxt[2], nxt[3]
             pos = pos + 1
         if host is None:

@@ -10,6 +10,7 @@ os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 --xla_backe
 os.environ["JAX_PLATFORMS"] = "cpu"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import importlib  # noqa: E402
 import json  # noqa: E402
