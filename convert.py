@@ -426,7 +426,8 @@ class Leaf:
     the whole array, numpy array), so a stacked array is produced and written one layer at a time."""
 
     def __init__(self, name, shape, dtype, blocks, stacked):
-        self.name, self.shape, self.dtype, self.blocks, self.stacked = name, tuple(shape), np.dtype(dtype), blocks, stacked
+        self.name, self.shape, self.dtype = name, tuple(shape), np.dtype(dtype)
+        self.blocks, self.stacked = blocks, stacked
         self.ndim, self.size = len(self.shape), math.prod(self.shape)
         self.nbytes = self.size * self.dtype.itemsize
 
@@ -987,7 +988,8 @@ class SafetensorsWriter:
             size += n
         shards.append(cur)
         k = len(shards)
-        self.files = ["model.safetensors"] if k == 1 else [f"model-{j + 1:05d}-of-{k:05d}.safetensors" for j in range(k)]
+        self.files = (["model.safetensors"] if k == 1 else
+                      [f"model-{j + 1:05d}-of-{k:05d}.safetensors" for j in range(k)])
         self.shards = shards
         self.order = [(j, t) for j, s in enumerate(shards) for t in s]
         self.pos, self.f, self.fj = 0, None, None
