@@ -107,7 +107,7 @@ def main(quick, backends, bf16_prefill):
     bw, peak = machine_limits()
     print(f"machine: {os.cpu_count()} CPUs, load average {load:.2f} at start; torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads; read bandwidth {bw / 1e9:.1f} GB/s; matmul "
-          f"{peak['float32'] / 1e9:.0f} GFLOP/s fp32, {peak['bfloat16'] / 1e9:.0f} GFLOP/s bf16", flush=True)
+          f"{peak['float32'] / 1e9:.0f} GFLOP/s fp32, {peak['bfloat16'] / 1e9:.1f} GFLOP/s bf16", flush=True)
     print(f"model: Qwen3 {n_params / 1e6:.1f}M parameters (hidden {E}, {L} layers, vocab {V}, tied), random weights",
           flush=True)
     # bf16 rows are kept short: CPUs without native bf16 run bf16 GEMMs far below their fp32 speed (see the
