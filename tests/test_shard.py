@@ -176,7 +176,7 @@ def torch_results(tmp_path_factory):
             torchrun = shutil.which("torchrun")
             cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
             env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-            r = subprocess.run([*cmd, "--nproc_per_node", "4", "--master_port", "0",
+            r = subprocess.run([*cmd, "--standalone", "--nproc_per_node", "4",
                                 os.path.join(HERE, "shard_torch_worker.py"), name, str(out), *meshes],
                                capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
             assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
