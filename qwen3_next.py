@@ -358,6 +358,7 @@ class _Torch:
 _SHIMS = {}
 
 
+# same as qwen3.shim
 def shim(x_or_name):
     """The shim for a backend name ('jax'/'torch') or for the type of an array."""
     name = x_or_name if isinstance(x_or_name, str) else ("torch" if type(x_or_name).__module__.startswith("torch") else "jax")
@@ -366,10 +367,12 @@ def shim(x_or_name):
     return _SHIMS[name]
 
 
+# same as qwen3._name_hash
 def _name_hash(name):
     return int.from_bytes(name.encode()[-8:].rjust(8, b"\0"), "little") % (2**31 - 1) ^ len(name)
 
 
+# same as qwen3._leaves
 def _leaves(tree):
     if isinstance(tree, dict):
         tree = list(tree.values())
@@ -380,6 +383,7 @@ def _leaves(tree):
         yield tree
 
 
+# same as qwen3._tree_map
 def _tree_map(f, tree):
     if isinstance(tree, dict):
         return {k: _tree_map(f, v) for k, v in tree.items()}
@@ -529,6 +533,7 @@ def hf_entries(cfg, keys=None):
     return out
 
 
+# same as qwen3.count_params
 def count_params(cfg):
     """Total parameters, from the table (no allocation)."""
     return sum(math.prod(p.shape) for p in param_table(cfg).values())
@@ -545,6 +550,7 @@ def count_active_params(cfg):
     return total
 
 
+# same as qwen3.unflatten
 def unflatten(flat):
     out = {}
     for k, v in flat.items():
@@ -974,11 +980,13 @@ def forward_hidden(params, tokens, cfg, cache=None, *, positions=None, segment_i
     return rms_norm(h, params["norm"], cfg.rms_norm_eps), cache, aux
 
 
+# same as qwen3.lm_head
 def lm_head(params, cfg):
     """The unembedding [E, V] (the embedding's transpose when tied)."""
     return params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
 
 
+# same as qwen3.forward
 def forward(params, tokens, cfg, cache=None, **kw):
     """tokens int [B, T] -> (logits [B, T, V] in the params' dtype, cache). cache=None runs without one."""
     h, cache, _ = forward_hidden(params, tokens, cfg, cache, **kw)
