@@ -40,6 +40,8 @@ import time
 
 import numpy as np
 
+from shard import _unflatten as _nest  # one dotted-name nesting for the project's trees
+
 MODELS = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "qwen3_next": "qwen3_next"}
 
 
@@ -384,17 +386,6 @@ def _flatten(tree, prefix=""):
             out.update(_flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: tree}
-
-
-def _nest(flat):
-    out = {}
-    for k, v in flat.items():
-        *path, leaf = k.split(".")
-        d = out
-        for part in path:
-            d = d.setdefault(part, {})
-        d[leaf] = v
-    return out
 
 
 def _stacked_names(model, cfg):

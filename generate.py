@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+from qwen3 import _leaves, _tree_map  # the model files' tree helpers (dicts, tuples, None)
+
 # ----------------------------------------------------------------------------------------------- tokens and chat
 THINK_OFF = "<think>\n\n</think>\n\n"
 QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -101,24 +103,6 @@ def encode(tok, text):
 
 
 # ----------------------------------------------------------------------------------------------- backends
-def _leaves(tree):
-    if isinstance(tree, dict):
-        tree = list(tree.values())
-    if isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _leaves(v)
-    elif tree is not None:
-        yield tree
-
-
-def _tree_map(f, tree):
-    if isinstance(tree, dict):
-        return {k: _tree_map(f, v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_tree_map(f, v) for v in tree)
-    return None if tree is None else f(tree)
-
-
 def _float_leaf(params):
     for x in _leaves(params):
         if "float" in str(x.dtype):
