@@ -98,8 +98,8 @@ def test_parity_with_transformers(ckpts, name, backend):
     mod, cfg, params = convert.load_hf(path, backend=backend, dtype="float32")
     assert mod is qwen3_next and cfg.num_mtp_layers == 0 and "mtp" not in params
     assert cfg.layer_types == tuple(model.config.layer_types)
-    # chunk boundaries (chunk 64) on torch; JAX compiles once per length, so it takes the three that matter most
-    lengths = (1, 63, 64, 65, 300) if backend == "torch" else (1, 65, 300)
+    # chunk boundaries (chunk 64) on both backends
+    lengths = (1, 63, 64, 65, 300)
     lengths = lengths if name == "r2_p25" else (1, 130)
     for T in lengths:
         toks = tokens(2, T, seed=T)
