@@ -417,7 +417,8 @@ def layer(h, lp, cos, sin, mask, cache, slot, cfg, kernels):
     slot: where the T new tokens go in the cache."""
     xp = shim(h)
     attn = kernels.get("attention", attention)
-    x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
+    norm = kernels.get("rms_norm", rms_norm)  # a fused kernel where one is selected
+    x = norm(h, lp["attn_norm"], cfg.rms_norm_eps)
     q = xp.np.einsum("bte,ehd->bthd", x, lp["wq"])
     k = xp.np.einsum("bte,ehd->bthd", x, lp["wk"])
     v = xp.np.einsum("bte,ehd->bthd", x, lp["wv"])
@@ -429,7 +430,7 @@ def layer(h, lp, cos, sin, mask, cache, slot, cfg, kernels):
         k, v = cache["k"], cache["v"]
     o = attn(q, k, v, mask)
     h = h + xp.np.einsum("bthd,hde->bte", o, lp["wo"])
-    h = h + mlp(rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps), lp["w_gate"], lp["w_up"], lp["w_down"])
+    h = h + mlp(norm(h, lp["mlp_norm"], cfg.rms_norm_eps), lp["w_gate"], lp["w_up"], lp["w_down"])
     return h, cache
 
 

@@ -693,7 +693,8 @@ def layer(h, lp, ffn, bias, cos, sin, mask, cache, slot, cfg, kernels, valid):
     'mlp.*' slice). cache: None or this layer's {'k','v'}. Returns (h, (cache, MoE stats or None))."""
     xp = shim(h)
     attn = kernels.get("attention", attention)
-    x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
+    norm = kernels.get("rms_norm", rms_norm)  # a fused kernel where one is selected
+    x = norm(h, lp["attn_norm"], cfg.rms_norm_eps)
     q = xp.np.einsum("bte,ehd->bthd", x, lp["wq"])
     k = xp.np.einsum("bte,ehd->bthd", x, lp["wk"])
     v = xp.np.einsum("bte,ehd->bthd", x, lp["wv"])
@@ -709,7 +710,7 @@ def layer(h, lp, ffn, bias, cos, sin, mask, cache, slot, cfg, kernels, valid):
     if cfg.attention_bias:
         o = o + lp["bo"]
     h = h + o
-    x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
+    x = norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
     if "router" in ffn:
         y, stats = moe(x, ffn, cfg, bias, valid, kernels)
     else:

@@ -862,11 +862,13 @@ def moe(x, lp, cfg, row_mask):
 
 def decoder_layer(h, lp, kind, cfg, kernels, cache, ctx):
     """Pre-norm residual layer: token mixer (linear or full attention) then MoE. Returns (h, cache, stats)."""
-    x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
+    fused = kernels.get("rms_norm")  # a fused kernel where one is selected (its zero-centred form)
+    norm = (lambda x, w, eps: fused(x, w, eps, zero_centered=True)) if fused else rms_norm
+    x = norm(h, lp["attn_norm"], cfg.rms_norm_eps)
     mix = linear_attention if kind == LINEAR else full_attention
     o, cache = mix(x, lp, cfg, kernels, cache, ctx)
     h = h + o
-    y, stats = moe(rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps), lp, cfg, ctx["row_mask"])
+    y, stats = moe(norm(h, lp["mlp_norm"], cfg.rms_norm_eps), lp, cfg, ctx["row_mask"])
     return h + y, cache, stats
 
 

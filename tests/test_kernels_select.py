@@ -52,3 +52,32 @@ assert ref == auto
     env = dict(os.environ, NANOQWEN_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_fused_rms_norm_is_used_by_every_model():
+    """The Triton RMSNorm selected by --kernels replaces the layer norms of all four models (interpret mode) and
+    gives the reference's logits; a kernel key the models ignored would be a dead switch."""
+    pytest.importorskip("triton")
+    code = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+import torch, kernels_gpu, qwen2, qwen3, qwen3_moe, qwen3_next
+calls = []
+fused = kernels_gpu.select("rms_norm")["rms_norm"]
+def counting(*a, **kw):
+    calls.append(1)
+    return fused(*a, **kw)
+for mod in (qwen2, qwen3, qwen3_moe, qwen3_next):
+    cfg = mod.SIZES["debug"]
+    p = mod.init(cfg, backend="torch", seed=0)
+    toks = torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    ref, _ = mod.forward(p, toks, cfg)
+    n = len(calls)
+    out, _ = mod.forward(p, toks, cfg, kernels={"rms_norm": counting})
+    assert len(calls) - n == 2 * cfg.num_hidden_layers, (mod.__name__, len(calls) - n)
+    d = (ref - out).abs().max().item()
+    assert d < 1e-4, (mod.__name__, d)
+"""
+    env = dict(os.environ, NANOQWEN_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
