@@ -387,28 +387,102 @@ def _dtensor(local, mesh, pls, shape):
 
 def init_params_torch(model, cfg, mesh, seed=0, dtype="float32", device=None):
     """Params as DTensors with placements from RULES, equal to model.init(cfg, "torch", seed, dtype). No rank holds
-    the model whole: leaves are made one at a time on the CPU (each from its own per-leaf generator), this rank's
-    block is kept and moved to `device`, and the rest is freed. Ones/zeros are made at shard size directly."""
+    a whole weight: a normal leaf's random stream is drawn in pieces and only this rank's elements are kept
+    (_normal_block); ones/zeros are made at shard size; other inits (Qwen3-Next's A_log, a small vector) come from
+    model.init restricted to that leaf. Blocks are made on the CPU and moved to `device`."""
     import torch
     table = model.param_table(cfg)
     check_params(table, mesh_sizes(mesh))
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
     xp = model.shim("torch")
-    known = all(p.init in ("normal", "ones", "zeros") for p in table.values())
-    whole = None if known else _flatten(model.init(cfg, backend="torch", seed=seed, dtype=dtype))
+    streamed = _stream_matches(model)
     out = {}
     for name, p in table.items():
         pls = placements(p.axes, mesh, where=name)
-        if whole is not None:
-            local = _local_slice(whole.pop(name), mesh, pls)
+        lo, size = _local_box(p.shape, mesh, pls)
+        if p.init == "normal" and streamed:
+            local = _normal_block(model, seed, name, p.shape, lo, size)
+            local = (cfg.initializer_range * local).to(xp.dtype(dtype))  # as the shim's normal: scale, then cast
         elif p.init == "normal":
             local = _local_slice(xp.normal(seed, name, p.shape, cfg.initializer_range, dtype), mesh, pls)
+        elif p.init in ("ones", "zeros"):
+            local = torch.full(size, 1.0 if p.init == "ones" else 0.0, dtype=xp.dtype(dtype))
         else:
-            local = _local_slice(torch.empty(p.shape, device="meta"), mesh, pls)
-            local = torch.full(local.shape, 1.0 if p.init == "ones" else 0.0, dtype=xp.dtype(dtype))
+            local = _local_slice(_init_leaf(model, cfg, name, seed, dtype), mesh, pls)
         out[name] = _dtensor(local.to(device), mesh, pls, p.shape)
     return _unflatten(out)
+
+
+def _local_box(shape, mesh, pls):
+    """(start, size) per dim of this rank's block under even Shard placements (as _local_slice cuts it)."""
+    lo, size = [0] * len(shape), list(shape)
+    coord = mesh.get_coordinate()
+    for i, pl in enumerate(pls):
+        if pl.is_shard():
+            c = size[pl.dim] // mesh.mesh.shape[i]
+            lo[pl.dim] += coord[i] * c
+            size[pl.dim] = c
+    return lo, size
+
+
+PIECE = 1 << 20  # random numbers drawn at a time by _normal_block (a multiple of 16)
+
+
+def _normal_block(model, seed, name, shape, lo, size, piece=PIECE):
+    """The block [lo, lo + size) of torch.randn(shape) from the model shim's per-leaf generator (unscaled float32),
+    drawing the leaf's stream `piece` numbers at a time and keeping only the block's elements. Equal to slicing
+    the whole draw because torch's CPU normal turns a sequential stream of uniforms into normals 16 at a time
+    (the last 16 redrawn when the size is not a multiple of 16, kept here by never ending on a piece shorter than
+    16); _stream_matches checks this against the shim once per model file. Stops once the block is complete."""
+    import torch
+    g = torch.Generator().manual_seed((seed * 1000003 + model._name_hash(name)) % 2**63)  # as the shim's normal
+    idx = torch.zeros((), dtype=torch.int64)
+    for d in range(len(shape)):
+        stride = math.prod(shape[d + 1:])
+        idx = idx[..., None] + ((lo[d] + torch.arange(size[d])) * stride)  # flat index of each block element
+    idx = idx.reshape(-1)
+    out = torch.empty(idx.numel(), dtype=torch.float32)
+    total, start, done = math.prod(shape), 0, 0
+    while done < idx.numel():
+        end = min(start + piece, total)
+        if total - end < 16:
+            end = total
+        vals = torch.randn(end - start, generator=g, dtype=torch.float32)
+        stop = int(torch.searchsorted(idx, end))
+        out[done:stop] = vals[idx[done:stop] - start]
+        done, start = stop, end
+    return out.reshape(size)
+
+
+_STREAM_OK = {}
+
+
+def _stream_matches(model):
+    """Whether _normal_block reproduces this model's torch shim bit for bit (a small leaf, drawn in 64-number pieces,
+    whole and one block); if not, init_params_torch falls back to making each normal leaf whole."""
+    if model.__name__ not in _STREAM_OK:
+        import torch
+        ok = hasattr(model, "_name_hash")
+        if ok:
+            shape = (3, 7, 157)  # 3297 numbers: not a multiple of 16
+            ref = model.shim("torch").normal(5, "check.w", shape, 1.0, "float32")
+            ok = (torch.equal(_normal_block(model, 5, "check.w", shape, [0, 0, 0], list(shape), piece=64), ref)
+                  and torch.equal(_normal_block(model, 5, "check.w", shape, [1, 2, 40], [2, 3, 100], piece=64),
+                                  ref[1:3, 2:5, 40:140]))
+        _STREAM_OK[model.__name__] = ok
+    return _STREAM_OK[model.__name__]
+
+
+def _init_leaf(model, cfg, name, seed, dtype):
+    """One leaf of model.init(cfg, "torch", seed, dtype), for init kinds shard.py does not know: model.init run over
+    a param_table restricted to that leaf (patched on the module for the call), so no other leaf is made."""
+    whole_table = model.param_table
+    model.param_table = lambda c: {n: p for n, p in whole_table(c).items() if n == name}
+    try:
+        return _flatten(model.init(cfg, backend="torch", seed=seed, dtype=dtype))[name]
+    finally:
+        model.param_table = whole_table
 
 
 def distribute_params(params, model, cfg, mesh):
