@@ -2,6 +2,7 @@
 
     python train.py --model qwen3 --size debug --backend jax --steps 30
     python train.py --model qwen3_moe --size 30b-a3b --backend jax --data corpus.jsonl --ckpt-dir runs/moe
+    torchrun --nproc_per_node 4 train.py --model qwen3 --size debug --backend torch --mesh fsdp=2,tp=2
 
 Models come through their module's interface only: `init`, `forward_hidden` (final-normed hidden states and an
 aux dict), `lm_head`, `param_table` (logical axes and init, from which the no-decay rule derives), and for MoE /
@@ -16,6 +17,9 @@ unfused head would), so the [tokens, 151936] matrix exists one chunk at a time. 
 Data is packed into rows of `--seq-len` tokens with segment ids and per-document positions, so attention never
 crosses documents. Order is a function of `--seed` alone; the loader's position is saved in each checkpoint,
 so `--resume` continues bit for bit. MFU uses MaxText's FLOP count (see `flops_per_token`).
+
+`--mesh` lays the run out with shard.py: JAX meshes in one process per host; torch runs one process per device
+under torchrun (TorchMeshTrainer: DTensor params and AdamW state, sharded DCP checkpoints that resume on any mesh).
 """
 import dataclasses
 import json
@@ -284,6 +288,100 @@ def token_losses(h, w, labels, chunk=None):
 
 def _is_torch(x):
     return type(x).__module__.startswith("torch")
+
+
+# ----------------------------------------------------------------------------------------------- vocab-parallel CE
+def cross_entropy_tp(h, w, labels, ignore_index=IGNORE, chunk=None):
+    """cross_entropy_ref_torch for a torch mesh with tensor parallelism: the head `w` is a DTensor whose vocabulary
+    columns are split over tp, and each tp rank computes the logits of its columns only (the whole [tokens, vocab]
+    logits exist nowhere). Per chunk, the row max and then the sum of exps and the target logit are all-reduced over
+    tp; the gradient of h (partial per vocabulary block) is all-reduced once. Returns plain tensors."""
+    from torch.distributed.tensor import DTensor, Replicate
+    if isinstance(h, DTensor):
+        h = h.redistribute(placements=[Replicate()] * h.device_mesh.ndim).to_local()
+    if not isinstance(w, DTensor) or not w.placements[0].is_shard():
+        w = w.full_tensor() if isinstance(w, DTensor) else w
+        return cross_entropy_ref_torch(h, w, labels, chunk=chunk)
+    assert ignore_index == IGNORE and w.device_mesh.ndim == 1 and w.placements[0].dim == 1
+    local = w.to_local()
+    start = w.device_mesh.get_local_rank() * local.shape[1]
+    loss = _CETp.get().apply(h, local, labels, chunk or ce_chunk_size(w.shape[1]), start, w.device_mesh.get_group())
+    return loss, (labels != IGNORE).sum()
+
+
+def _token_losses_tp(h, w, labels):
+    """token_losses for cross_entropy_tp's layout (no gradient)."""
+    import torch
+    from torch.distributed.tensor import DTensor, Replicate
+    if not isinstance(w, DTensor) or not w.placements[0].is_shard():
+        return token_losses(_plain(h), _plain(w), labels)
+    if isinstance(h, DTensor):
+        h = h.redistribute(placements=[Replicate()] * h.device_mesh.ndim).to_local()
+    local, chunk = w.to_local(), ce_chunk_size(w.shape[1])
+    start, group = w.device_mesh.get_local_rank() * local.shape[1], w.device_mesh.get_group()
+    with torch.no_grad():
+        return torch.cat([_ce_chunk_tp(h[s:s + chunk], local, labels[s:s + chunk], start, group, False)[0]
+                          for s in range(0, h.shape[0], chunk)])
+
+
+class _CETp:
+    fn = None
+
+    @classmethod
+    def get(cls):
+        if cls.fn is None:
+            import torch
+            import torch.distributed as dist
+
+            class CE(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, h, w, labels, chunk, start, group):
+                    want = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+                    total = torch.zeros((), dtype=torch.float32, device=h.device)
+                    dh = torch.empty_like(h) if want else None
+                    dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want else None
+                    for s in range(0, h.shape[0], chunk):
+                        hx, lx = h[s:s + chunk], labels[s:s + chunk]
+                        loss, g = _ce_chunk_tp(hx, w, lx, start, group, want)
+                        total += loss.sum()
+                        if want:
+                            dh[s:s + chunk] = g @ w.T
+                            dw += (hx.T @ g).float()
+                    if want:
+                        dist.all_reduce(dh, group=group)  # each vocabulary block's share of d loss / d h
+                        ctx.save_for_backward(dh, dw.to(w.dtype))
+                    return total
+
+                @staticmethod
+                def backward(ctx, g):
+                    dh, dw = ctx.saved_tensors
+                    return dh * g.to(dh.dtype), dw * g.to(dw.dtype), None, None, None, None
+
+            cls.fn = CE
+        return cls.fn
+
+
+def _ce_chunk_tp(hx, w, lx, start, group, want_grad):
+    """_ce_chunk_torch over this rank's vocabulary columns [start, start + w.shape[1])."""
+    import torch
+    import torch.distributed as dist
+    logits = (hx @ w).float()
+    valid = lx != IGNORE
+    mine = valid & (lx >= start) & (lx < start + w.shape[1])
+    tgt = torch.where(mine, lx - start, 0).long()
+    m = logits.max(-1).values
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    both = torch.stack([torch.exp(logits - m[:, None]).sum(-1),
+                        torch.where(mine, logits.gather(-1, tgt[:, None])[:, 0], 0.0)])
+    dist.all_reduce(both, group=group)
+    lse = m + torch.log(both[0])
+    loss = torch.where(valid, lse - both[1], 0.0)
+    if not want_grad:
+        return loss, None
+    g = torch.exp_(logits.sub_(lse[:, None]))
+    g.scatter_add_(-1, tgt[:, None], -mine[:, None].to(g.dtype))
+    g.mul_(valid[:, None])
+    return loss, g.to(hx.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -661,9 +759,10 @@ def _forward_kw(model, a, kernels, extra, mb):
     return kw
 
 
-def _loss(model, cfg, a, kernels, p, extra, mb, n, ce, remat_all=None):
+def _loss(model, cfg, a, kernels, p, extra, mb, n, ce, remat_all=None, shards=1):
     """The training loss of one micro-batch: summed CE / global token count, + aux-loss coef * router aux loss
-    (averaged over micro-batches by the caller's sum / accum), + MTP_WEIGHT * MTP CE when the model has MTP."""
+    (averaged over micro-batches by the caller's sum / accum, and over `shards` batch shards when each process
+    holds a shard of the micro-batch), + MTP_WEIGHT * MTP CE when the model has MTP."""
     n_tokens, n_mtp = n
 
     def body(p, mb):
@@ -675,7 +774,7 @@ def _loss(model, cfg, a, kernels, p, extra, mb, n, ce, remat_all=None):
         metrics = {"ce": loss}
         if a.moe_balance == "aux" and "router_aux_loss" in aux:
             coef = getattr(cfg, "router_aux_loss_coef", 0.001)
-            loss = loss + coef * aux["router_aux_loss"] / a.accum
+            loss = loss + coef * aux["router_aux_loss"] / (a.accum * shards)
             metrics["router_aux_loss"] = aux["router_aux_loss"]
         if hasattr(model, "mtp_forward") and "mtp" in p:
             # slot t of the MTP head sees the hidden state at t and the embedding of token t+1, and predicts t+2
@@ -724,8 +823,9 @@ def mtp_labels(later, earlier):
     return jnp.where(earlier != IGNORE, later, IGNORE)
 
 
-def _eval_sums(model, cfg, a, kernels, p, extra, batch):
-    """(summed CE, target count) over a [n, B, T] batch, no gradients."""
+def _eval_sums(model, cfg, a, kernels, p, extra, batch, losses=None):
+    """(summed CE, target count) over a [n, B, T] batch, no gradients. losses: token_losses or a replacement."""
+    losses = losses or token_losses
     total, count = 0.0, 0
     for i in range(batch["tokens"].shape[0]):
         mb = {k: v[i] for k, v in batch.items()}
@@ -733,7 +833,7 @@ def _eval_sums(model, cfg, a, kernels, p, extra, batch):
                                                                  "remat": False})
         B, T, E = h.shape
         labels = mb["labels"].reshape(B * T)
-        total = total + token_losses(h.reshape(B * T, E), model.lm_head(p, cfg), labels).sum()
+        total = total + losses(h.reshape(B * T, E), model.lm_head(p, cfg), labels).sum()
         count = count + (labels != IGNORE).sum()
     return total, count
 
@@ -762,7 +862,7 @@ class TorchTrainer:
         if a.compile:
             self._loss = torch.compile(self.loss_fn)
 
-    def loss_fn(self, params, extra, mb, n):
+    def loss_fn(self, params, extra, mb, n, shards=1):
         dt = getattr(self.torch, self.a.dtype)
         p = {k: v.to(dt) for k, v in _flatten(params).items()}
         remat_all = None
@@ -770,7 +870,7 @@ class TorchTrainer:
             import torch.utils.checkpoint as ckpt
             remat_all = lambda f: (lambda *x: ckpt.checkpoint(f, *x, use_reentrant=False))  # noqa: E731
         return _loss(self.model, self.cfg, self.a, self.kernels, self.model.unflatten(p), extra, mb, n,
-                     ce=self.kernels.get("cross_entropy", cross_entropy_ref_torch), remat_all=remat_all)
+                     ce=self.kernels.get("cross_entropy", cross_entropy_ref_torch), remat_all=remat_all, shards=shards)
 
     def step(self, batch):
         torch = self.torch
@@ -854,6 +954,182 @@ class TorchTrainer:
         self.extra = sd["extra"]
 
 
+class TorchMeshTrainer(TorchTrainer):
+    """The torch trainer on a shard.py DeviceMesh, one process per device under torchrun. Params and AdamW state are
+    DTensors laid out by shard.RULES (each rank stores its shards; the optimizer updates them locally). Every rank
+    builds the same global batch and takes its rows (shard.local_batch); the step computes with
+    shard.compute_params (the batch axes all-gathered, gradients reduce-scattered back onto the shards, tp through
+    DTensor), and each rank's loss is its rows' summed CE over the global batch's token count, so the gradients
+    add up to the one-process ones. The router aux loss is the mean of each batch shard's own aux loss (its
+    statistics over that shard's rows), so MoE runs with --moe-balance aux differ from one process by that term."""
+
+    def __init__(self, model, cfg, params, a, kernels, mesh):
+        import torch
+
+        import shard
+        self.torch, self.shard, self.mesh = torch, shard, mesh
+        self.model, self.cfg, self.a, self.kernels = model, cfg, a, kernels
+        if a.compile:
+            raise convert.UserError("--compile: not supported with a multi-process torch mesh yet")
+        try:
+            if params is None:
+                params = shard.init_params_torch(model, cfg, mesh, seed=a.seed)
+            else:  # --init-from: every rank read the whole checkpoint; keep this rank's blocks
+                params = shard.distribute_params({k: v.to(torch.float32) for k, v in _flatten(params).items()},
+                                                 model, cfg, mesh)
+        except ValueError as e:
+            raise convert.UserError(f"mesh {shard.mesh_str(shard.mesh_sizes(mesh))}: {e}") from None
+        self.flat = {k: v.requires_grad_(True) for k, v in _flatten(params).items()}
+        self.params = model.unflatten(self.flat)
+        table = model.param_table(cfg)
+        groups = [{"params": [v for k, v in self.flat.items() if decays(table[k])], "weight_decay": a.weight_decay},
+                  {"params": [v for k, v in self.flat.items() if not decays(table[k])], "weight_decay": 0.0}]
+        self.opt = torch.optim.AdamW(groups, lr=a.lr, betas=(a.beta1, a.beta2), eps=a.eps, foreach=False)
+        self.device = next(iter(self.flat.values())).device
+        self.extra = {k: v.to(self.device) for k, v in _init_extra(model, cfg, a, "torch").items()}
+        self.n_updates = 0
+        sizes = shard.mesh_sizes(mesh)
+        self.n_shards = shard.batch_shards(mesh)[1]
+        self.tp = sizes["tp"]  # ranks of one tp group hold the same rows: their sums count once
+        self.world = math.prod(sizes.values())
+        if self.tp > 1:  # the head's vocabulary is split over tp: a CE that works on those blocks
+            self.kernels = {**kernels, "cross_entropy": cross_entropy_tp}
+
+    def _rows(self, x):
+        """This rank's rows of a [B, T] (or [n, B, T]) global batch."""
+        if x.ndim == 3:
+            return self.torch.stack([self.shard.local_batch(r, self.mesh) for r in x])
+        return self.shard.local_batch(x, self.mesh)
+
+    def _reduce(self, values, sums):
+        """All-reduces a list of floats: entries flagged in `sums` become sums over batch shards, the others means
+        (tp ranks hold the same rows, so a sum over all ranks counts each shard tp times)."""
+        t = _all_sum(values, self.device)
+        return [v / (self.tp if s else self.world) for v, s in zip(t, sums)]
+
+    def step(self, batch):
+        torch, shard = self.torch, self.shard
+        batch = {k: torch.as_tensor(v).long().to(self.device) for k, v in batch.items()}
+        # token counts of the global batch (every rank has it), so that the shards' losses add up to its mean
+        n = ((batch["labels"] != IGNORE).sum().clamp(min=1), (batch["labels"][..., 1:] != IGNORE).sum().clamp(min=1))
+        total, sums, counts = 0.0, {}, 0
+        for i in range(self.a.accum):
+            mb = {k: self._rows(v[i]) for k, v in batch.items()}
+            with shard.compute_context(self.params):
+                cp = shard.compute_params(self.params, self.mesh)
+                loss, (metrics, c) = self.loss_fn(cp, self.extra, mb, n, shards=self.n_shards)
+                loss = _plain(loss)
+                loss.backward()
+            total += loss.detach()
+            counts = counts + (_plain(c).detach() if torch.is_tensor(c) else c)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + _plain(v).detach()
+        with torch.no_grad():
+            grads = []
+            for p in self.flat.values():
+                if p.grad is not None:
+                    p.grad = shard.grads_like([p.grad], [p])[0]
+                    grads.append(p.grad)
+            gnorm = torch.tensor(math.sqrt(_all_sum([self._sum_sq(grads)], self.device)[0]), dtype=torch.float32)
+            if gnorm > self.a.grad_clip:
+                scale = float(self.a.grad_clip / gnorm)
+                for g in grads:
+                    g.mul_(scale)
+            lr = float(lr_at(self.n_updates, self.a.lr, self.a.warmup_steps, self.a.steps, self.a.min_lr_ratio))
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            if "router_bias" in self.extra:
+                import torch.distributed as dist
+                counts = counts.to(torch.int64)
+                dist.all_reduce(counts)
+                self.extra["router_bias"] = self.model.update_router_bias(self.extra["router_bias"],
+                                                                          counts // self.tp, self.a.bias_update_rate)
+        self.n_updates += 1
+        keys = list(sums)
+        vals = self._reduce([float(total)] + [float(sums[k]) for k in keys],
+                            [True] + [k in ("ce", "mtp_loss") for k in keys])
+        out = {k: v / (1 if k in ("ce", "mtp_loss") else self.a.accum) for k, v in zip(keys, vals[1:])}
+        out["loss"], out["grad_norm"] = vals[0], float(gnorm)
+        return out
+
+    def _sum_sq(self, grads):
+        """This rank's share of the squared global norm: each local block's sum of squares, divided by the number
+        of ranks holding a copy of it (mesh dims it is replicated over), so the all-reduced sum counts it once."""
+        from torch.distributed.tensor import DTensor
+        total = 0.0
+        for g in grads:
+            if isinstance(g, DTensor):
+                copies = math.prod(n for n, pl in zip(g.device_mesh.mesh.shape, g.placements) if pl.is_replicate())
+                total += float(g.to_local().double().square().sum()) / copies
+            else:
+                total += float(g.double().square().sum()) / self.world
+        return total
+
+    def loss_and_grads(self, mb):
+        raise NotImplementedError("loss_and_grads: one process only")
+
+    def evaluate(self, batch):
+        torch, shard = self.torch, self.shard
+        with torch.no_grad(), shard.compute_context(self.params):
+            dt = getattr(torch, self.a.dtype)
+            p = {k: v.to(dt) for k, v in _flatten(shard.compute_params(self.params, self.mesh)).items()}
+            s, n = _eval_sums(self.model, self.cfg, self.a, self.kernels, self.model.unflatten(p), self.extra,
+                              {k: self._rows(torch.as_tensor(v).long().to(self.device)) for k, v in batch.items()},
+                              losses=_token_losses_tp if self.tp > 1 else None)
+        s, n = self._reduce([float(_plain(s)), float(_plain(n))], [True, True])
+        return s, n
+
+    def save_params(self, folder):
+        """params/ as a DCP of the flat {name: tensor} dict, each rank writing its shards: the layout
+        convert.write_params gives a torch checkpoint, so convert.read_params and --init-from read it."""
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.shard.save_checkpoint(os.path.join(folder, "params"), {k: v.detach() for k, v in self.flat.items()})
+
+    def save_state(self, folder):
+        import torch.distributed.checkpoint as dcp
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save({"optimizer": self.opt.state_dict(), "extra": self.extra},
+                     checkpoint_id=os.path.join(folder, "optimizer"))
+
+    def load_state(self, folder, params=None):
+        """Params and optimizer state from a checkpoint written on any mesh (or by one process): DCP reads each
+        rank's blocks."""
+        import torch.distributed.checkpoint as dcp
+        import warnings
+        torch, shard = self.torch, self.shard
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = shard._flatten(shard.load_checkpoint(os.path.join(folder, "params"),
+                                                       shard.empty_params_torch(self.model, self.cfg, self.mesh)))
+            with torch.no_grad():
+                for k, v in got.items():
+                    self.flat[k].copy_(v)
+            sd = {"optimizer": self._opt_template(), "extra": self.extra}
+            dcp.load(sd, checkpoint_id=os.path.join(folder, "optimizer"))
+        self.opt.load_state_dict(sd["optimizer"])
+        self.extra = sd["extra"]
+
+
+def _all_sum(values, device):
+    """Sums a list of floats over all processes (float64; on `device`, where NCCL needs it)."""
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _plain(x):
+    """A tensor as a plain tensor: a DTensor (a loss under tp) is made whole, differentiably."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
 def _flatten(tree, prefix=""):
     out = {}
     for k, v in tree.items():
@@ -893,15 +1169,49 @@ def save_checkpoint(trainer, loader, step, a):
     train_state.json (step, loader position, seed, args). Written into a temporary folder renamed into place, so a
     killed save leaves the previous checkpoints as they were."""
     out = os.path.join(a.ckpt_dir, f"step_{step:08d}")
-    with convert.atomic_dir(out, overwrite=True) as tmp:
-        convert.write_params(tmp, trainer.model, trainer.cfg, trainer.params, "orbax" if a.backend == "jax" else "dcp")
-        trainer.save_state(tmp)
-        with open(os.path.join(tmp, "train_state.json"), "w") as f:
-            json.dump({"step": step, "data": loader.state(), "seed": a.seed, "backend": a.backend,
-                       "model": trainer.model.MODEL_TYPE, "args": dataclasses.asdict(a)}, f, indent=1)
-    for _, old in checkpoints(a.ckpt_dir)[: -a.keep] if a.keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    if isinstance(trainer, TorchMeshTrainer):
+        _save_sharded(trainer, loader, step, a, out)
+    else:
+        with convert.atomic_dir(out, overwrite=True) as tmp:
+            convert.write_params(tmp, trainer.model, trainer.cfg, trainer.params,
+                                 "orbax" if a.backend == "jax" else "dcp")
+            trainer.save_state(tmp)
+            _write_train_state(tmp, trainer, loader, step, a)
+    if _is_main():
+        for _, old in checkpoints(a.ckpt_dir)[: -a.keep] if a.keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
     return out
+
+
+def _write_train_state(folder, trainer, loader, step, a):
+    with open(os.path.join(folder, "train_state.json"), "w") as f:
+        json.dump({"step": step, "data": loader.state(), "seed": a.seed, "backend": a.backend,
+                   "model": trainer.model.MODEL_TYPE, "args": dataclasses.asdict(a)}, f, indent=1)
+
+
+def _save_sharded(trainer, loader, step, a, out):
+    """A torchrun job's checkpoint, the same folder as one process writes: every rank writes its shards of params/
+    and optimizer/ (DCP) into rank 0's temporary folder; rank 0 adds nanoqwen.json and train_state.json and, after
+    a barrier (every rank done), renames it into place. --ckpt-dir must be one folder seen by every process."""
+    import torch.distributed as dist
+
+    def write(tmp):
+        box = [tmp]
+        dist.broadcast_object_list(box, src=0)
+        trainer.save_params(box[0])
+        trainer.save_state(box[0])
+        if _is_main():
+            convert._write_meta(box[0], trainer.model, trainer.cfg, "dcp", "float32", "scanned")
+            _write_train_state(box[0], trainer, loader, step, a)
+        dist.barrier()
+
+    if _is_main():
+        with convert.atomic_dir(out, overwrite=True) as tmp:
+            write(tmp)
+    else:
+        write(None)
+    dist.barrier()  # renamed before any rank looks for it
 
 
 def restore_checkpoint(trainer, loader, path, a):
@@ -909,8 +1219,15 @@ def restore_checkpoint(trainer, loader, path, a):
         st = json.load(f)
     if st["backend"] != a.backend:
         raise convert.UserError(f"{path}: written by --backend {st['backend']}, resuming with {a.backend}")
-    _, _, params = convert.read_params(path, a.backend, "float32")
-    trainer.load_state(path, params)
+    if isinstance(trainer, TorchMeshTrainer):
+        meta, model, cfg = convert._read_meta(path)
+        shapes = lambda m, c: {n: tuple(p.shape) for n, p in m.param_table(c).items()}  # noqa: E731
+        if model is not trainer.model or shapes(model, cfg) != shapes(trainer.model, trainer.cfg):
+            raise convert.UserError(f"{path}: a checkpoint of another model or size ({meta['model_type']})")
+        trainer.load_state(path)
+    else:
+        _, _, params = convert.read_params(path, a.backend, "float32")
+        trainer.load_state(path, params)
     if hasattr(trainer, "n_updates"):
         trainer.n_updates = st["step"]
     loader.load_state(st["data"])
@@ -940,16 +1257,25 @@ def run(a, params=None, on_step=None, cfg=None, step_times=None):
     model, size_cfg, loaded = build_model(a)
     cfg = cfg or size_cfg
     mesh = _mesh(a)
-    mesh_devices = math.prod(mesh.shape.values()) if mesh is not None else 1
+    if mesh is not None:
+        import shard
+        mesh_devices = math.prod(shard.mesh_sizes(mesh).values())
+    else:
+        mesh_devices = 1
     kernels = load_kernels(a.kernels, a.backend, a.dtype)
     tokenizer = a.tokenizer or (a.init_from if a.init_from and os.path.isdir(a.init_from) else None)
     loader = Loader(a.data, a.seq_len, a.batch_size, accum, a.seed, cfg.vocab_size, tokenizer,
                     eval_rows=a.batch_size * a.eval_batches if a.eval_every else 0)
-    trainer = TRAINERS[a.backend](model, cfg, params if params is not None else loaded, a, kernels)
-    if mesh is not None:
-        trainer.shard(mesh)
+    if mesh is not None and a.backend == "torch":
+        trainer = TorchMeshTrainer(model, cfg, params if params is not None else loaded, a, kernels, mesh)
+    else:
+        trainer = TRAINERS[a.backend](model, cfg, params if params is not None else loaded, a, kernels)
+        if mesh is not None:
+            trainer.shard(mesh)
     start = 0
-    remove_stale(a.ckpt_dir)
+    if _is_main():
+        remove_stale(a.ckpt_dir)
+    _barrier()
     if a.resume:
         done = checkpoints(a.ckpt_dir)
         if done:
@@ -963,7 +1289,7 @@ def run(a, params=None, on_step=None, cfg=None, step_times=None):
     n_params = sum(math.prod(p.shape) for p in model.param_table(cfg).values())
     _say(a, f"{model.MODEL_TYPE} {n_params / 1e6:.1f}M params, {a.backend} {a.dtype}, {tokens_per_step} tokens/step "
             f"({a.batch_size}x{accum}x{a.seq_len}), MFU: MaxText FLOP count vs {peak / 1e12:.2f} TFLOP/s ({peak_src})")
-    mfile = open(a.metrics, "a" if a.resume else "w") if a.metrics else None
+    mfile = open(a.metrics, "a" if a.resume else "w") if a.metrics and _is_main() else None
     losses, times, last = [], [], {}
     try:
         for step in range(start, a.steps):
@@ -980,7 +1306,7 @@ def run(a, params=None, on_step=None, cfg=None, step_times=None):
             losses.append(m["loss"])
             tps = tokens_per_step / dt
             last = {"step": step + 1, **m, "lr": float(lr_at(step, a.lr, a.warmup_steps, a.steps, a.min_lr_ratio)),
-                    "tokens_per_s": tps, "mfu": fpt * tps / peak / max(1, mesh_devices), "step_time_s": dt}
+                    "tokens_per_s": tps, "mfu": fpt * tps / peak / mesh_devices, "step_time_s": dt}
             if a.eval_every and loader.eval is not None and ((step + 1) % a.eval_every == 0 or step + 1 == a.steps):
                 ev = {k: v.reshape(-1, a.batch_size, a.seq_len) for k, v in loader.eval.items()}
                 s, n = trainer.evaluate(ev)
@@ -1003,14 +1329,26 @@ def run(a, params=None, on_step=None, cfg=None, step_times=None):
     tps = tokens_per_step * len(steady) / max(sum(steady), 1e-9)
     if losses:
         _say(a, f"done: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, {tps:,.0f} tok/s "
-                f"(after the first step), MFU {100 * fpt * tps / peak:.2f}%")
+                f"(after the first step), MFU {100 * fpt * tps / peak / mesh_devices:.2f}%")
     return {"losses": losses, "trainer": trainer, "model": model, "cfg": cfg, "loader": loader,
-            "tokens_per_s": tps, "mfu": fpt * tps / peak, "last": last}
+            "tokens_per_s": tps, "mfu": fpt * tps / peak / mesh_devices, "last": last}
 
 
 def _say(a, msg):
-    if not a.quiet:
+    if not a.quiet and _is_main():
         print(msg, flush=True)
+
+
+def _is_main():
+    """False on the processes of a torchrun job other than rank 0 (which alone prints and writes files)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is None or not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier():
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_initialized():
+        dist.barrier()
 
 
 def parse_mesh(spec):
@@ -1028,17 +1366,19 @@ def parse_mesh(spec):
 
 
 def _mesh(a):
-    """None on one device; else shard.py's JAX mesh (shard.parse_mesh's rules: every device is used)."""
+    """None on one device; else shard.py's JAX mesh (shard.parse_mesh's rules: every device is used), or for
+    --backend torch under torchrun its DeviceMesh over the job's processes (no --mesh: fsdp over all of them)."""
     sizes = parse_mesh(a.mesh)
+    if a.backend == "torch" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _torch_mesh(a, sizes)
     if not sizes or all(v == 1 for v in sizes.values()):
         return None
     try:
         import shard
     except ImportError:
         raise convert.UserError(f"--mesh {a.mesh!r}: more than one device needs shard.py, not built yet") from None
-    if a.backend != "jax":
-        raise convert.UserError(f"--mesh {a.mesh!r}: multi-device torch training runs under torchrun, which "
-                                "train.py does not drive yet; use --backend jax")
+    if a.backend == "torch":
+        return _torch_mesh(a, sizes)
     import jax
     try:
         sizes = shard.parse_mesh(a.mesh, len(jax.devices()))
@@ -1048,6 +1388,27 @@ def _mesh(a):
         return shard.make_mesh(sizes)
     except ValueError as e:
         raise convert.UserError(f"--mesh {a.mesh!r}: {e}") from None
+
+
+def _torch_mesh(a, sizes):
+    """The torch DeviceMesh of a torchrun job (one process per device, WORLD_SIZE of them); outside torchrun a mesh
+    of more than one device is refused with the command to run instead."""
+    import shard
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        n = math.prod(v for v in sizes.values() if v > 0)
+        if n == 1:
+            return None
+        raise convert.UserError(f"--mesh {a.mesh!r}: torch runs one process per device; launch with "
+                                f"`torchrun --nproc_per_node {n} train.py ...`")
+    try:
+        sizes = shard.parse_mesh(a.mesh, world)
+        shard.check_batch(a.batch_size, sizes)
+    except ValueError as e:
+        raise convert.UserError(f"--mesh {a.mesh!r} on {world} torchrun processes: {e}" if a.mesh else
+                                f"{world} torchrun processes: {e}") from None
+    shard.init_torch_distributed()
+    return shard.torch_mesh(sizes)
 
 
 # ----------------------------------------------------------------------------------------------- command line
@@ -1063,7 +1424,7 @@ def _click_main():
         "seq_len": "tokens per row", "data": "synthetic | FILE.txt | FILE.jsonl (text or chat messages) | FILE.npy | FILE.bin",
         "tokenizer": "tokenizer.json (default: the --init-from folder's)",
         "init_from": "HF folder, hub id or converted checkpoint to start from",
-        "mesh": "e.g. fsdp=2,tp=2,ep=2 (more than one device needs shard.py)",
+        "mesh": "e.g. fsdp=2,tp=2,ep=2 (torch: one process per device, under torchrun)",
         "ckpt_dir": "checkpoint folder", "save_every": "save every N steps (and at the end)",
         "keep": "checkpoints to keep", "resume": "continue from the newest checkpoint in --ckpt-dir",
         "metrics": "JSONL file, one record per step", "dtype": "float32 | bfloat16 (activations; fp32 master weights)",
@@ -1079,9 +1440,17 @@ def _click_main():
         a = Args(**kw)
         try:
             run(a)
+            dist = sys.modules.get("torch.distributed")
+            if dist is not None and dist.is_initialized():  # a torchrun job: leave the process group cleanly
+                dist.destroy_process_group()
         except Diverged as e:
-            print(f"error: {e}", file=sys.stderr)
+            if _is_main():
+                print(f"error: {e}", file=sys.stderr)
             sys.exit(3)
+        except convert.UserError:
+            if os.environ.get("RANK", "0") != "0":  # under torchrun every rank fails alike; rank 0 says why
+                sys.exit(2)
+            raise
 
     for name in reversed(list(fields)):
         f = fields[name]
