@@ -227,8 +227,19 @@ class _Jax:
         return self.jax.lax.ragged_dot(x, w, sizes.astype(self.np.int32))
 
     def solve_unit_lower(self, a, b):
-        """Solves (I + strict_lower(a)) x = b over the last two axes (the diagonal of a is ignored)."""
-        return self.jax.lax.linalg.triangular_solve(a, b, left_side=True, lower=True, unit_diagonal=True)
+        """Solves (I + L) x = b over the last two axes, L = strict_lower(a) (the diagonal of a is ignored). L is
+        nilpotent, so (I + L)^-1 = (I - L)(I + L^2)(I + L^4)...: log2(C) batched matmuls instead of LAPACK's trsm,
+        whose CPU kernel deadlocks when several devices of one process run it at once (8 virtual devices), and
+        which is a serial loop on accelerators."""
+        jnp, hi = self.np, self.jax.lax.Precision.HIGHEST
+        n = a.shape[-1]
+        m = -jnp.tril(a, -1)
+        eye = jnp.eye(n, dtype=a.dtype)
+        inv, p = eye + m, m
+        for _ in range(max(0, (n - 1).bit_length() - 1)):
+            p = jnp.matmul(p, p, precision=hi)
+            inv = jnp.matmul(inv, eye + p, precision=hi)
+        return jnp.matmul(inv, b, precision=hi)
 
     def update_slice(self, buf, new, start, axis):
         """Writes `new` into `buf` at `start` along `axis`; returns the buffer (functional on JAX)."""

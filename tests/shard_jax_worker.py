@@ -80,7 +80,7 @@ def main(name, out_path, specs):
             shapes = sorted({tuple(s.data.shape) for s in x.addressable_shards})
             shards[n] = {"global": list(x.shape), "device": [list(s) for s in shapes],
                          "rules": list(lay[n][2]), "axes": [list(m) for m in lay[n][1]], "n_devices": len(x.addressable_shards)}
-            if any(lay[n][1]) and any(s == tuple(x.shape) for s in shapes):
+            if tuple(lay[n][2]) != tuple(x.shape) and any(s == tuple(x.shape) for s in shapes):
                 full_copies.append(n)
         res["meshes"][spec] = {
             "init_max_diff": max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(r_init))),
@@ -97,8 +97,9 @@ def main(name, out_path, specs):
         res["ckpt"] = {"saved_on": specs[0], "restored_on": specs[1],
                        "loss_saved": float(loss_on(p1, jax.device_put(tokens, shard.batch_sharding(m1)))),
                        "loss_restored": float(loss_on(p2, jax.device_put(tokens, shard.batch_sharding(m2)))),
-                       "restored_spec": str(p2["layers"]["wq"].sharding.spec),
-                       "expected_spec": str(shard.param_shardings(model, cfg, m2)["layers"]["wq"].spec)}
+                       "restored_spec": {n: str(x.sharding.spec) for n, x in shard._flatten(p2).items()},
+                       "expected_spec": {n: str(x.spec) for n, x in
+                                         shard._flatten(shard.param_shardings(model, cfg, m2)).items()}}
     del ocp
     with open(out_path, "w") as f:
         json.dump(res, f)

@@ -48,7 +48,8 @@ def main(name, out_path, specs):
                 cp = params if mesh is None else shard.compute_params(params, mesh)
                 loss = loss_fn(cp, local)
                 loss = loss.to_local() if shard._any_dtensor(loss) else loss
-                grads = torch.autograd.grad(loss / nb, list(flat.values()))
+                grads = torch.autograd.grad(loss / nb, list(flat.values()), allow_unused=True)
+                grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, flat.values())]  # MTP
             losses.append(loss.item() if mesh is None else shard.batch_mean(loss, mesh))
             if i == 0:
                 grads0 = {n: (g.full_tensor() if shard._any_dtensor(g) else g).numpy().astype(np.float64)

@@ -17,11 +17,7 @@ from shard_cfg import MESHES_JAX, MESHES_TORCH, kind, tiny_cfg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-# qwen3_next: the one-device reference train step of the worker (jit, 8 virtual CPU devices, XLA opt level 0) hung
-# in a futex wait on the 2-core machine; left out of the heavy checks until that is understood
-HEAVY_SKIP = {"qwen3_next": "single-device jit train step hangs in the JAX worker (under investigation)"}
 MODELS = [m for m in ("qwen3", "qwen3_moe", "qwen3_next") if os.path.exists(os.path.join(ROOT, m + ".py"))]
-HEAVY = [pytest.param(m, marks=pytest.mark.skip(reason=HEAVY_SKIP[m])) if m in HEAVY_SKIP else m for m in MODELS]
 TOL = 1e-5
 
 
@@ -153,7 +149,7 @@ def _check(res, local_key):
     assert _rel(c["loss_restored"], c["loss_saved"]) < TOL, c
 
 
-@pytest.mark.parametrize("name", HEAVY)
+@pytest.mark.parametrize("name", MODELS)
 def test_jax_sharded_equals_single_device(name, jax_results):
     """fsdp=8, fsdp=2,tp=4 (and fsdp=2,tp=2,ep=2 for MoE): init, loss, gradients and 5 AdamW steps as on one
     device; every device holds exactly the shard the rules say; an Orbax checkpoint saved on the first mesh
@@ -185,7 +181,7 @@ def torch_results(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name", HEAVY)
+@pytest.mark.parametrize("name", MODELS)
 def test_torch_sharded_equals_single_process(name, torch_results):
     """fsdp=4, fsdp=2,tp=2 (fsdp=2,ep=2 for MoE) on 4 gloo processes: init, loss, gradients (DTensors placed like
     their params) and 5 AdamW steps as in one process; each rank's shard as the rules say; a DCP checkpoint saved on
