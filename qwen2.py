@@ -451,7 +451,8 @@ def forward_hidden(params, tokens, cfg, cache=None, *, positions=None, segment_i
     kernels = kernels or {}
     B, T = tokens.shape
     emb = params["embed"]
-    h = emb[tokens]
+    constrain = kernels.get("constrain", lambda x, axes: x)  # activation shardings on a shard.py mesh
+    h = constrain(emb[tokens], ("batch", "seq", "embed"))
     start = cache["len"] if cache is not None else 0
     t_idx = xp.arange(T, like=tokens) + start
     if positions is None:
@@ -471,7 +472,8 @@ def forward_hidden(params, tokens, cfg, cache=None, *, positions=None, segment_i
 
     def step(h, x):
         lp, lc = x if cache is not None else (x, None)
-        return layer(h, lp, cos, sin, mask, lc, start, cfg, kernels)
+        h, y = layer(h, lp, cos, sin, mask, lc, start, cfg, kernels)
+        return constrain(h, ("batch", "seq", "embed")), y
 
     h, ys = xp.scan_layers(step, h, xs, remat=remat)
     if cache is not None:

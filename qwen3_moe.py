@@ -669,16 +669,21 @@ def moe(x, mp, cfg, bias=None, valid=None, kernels=None):
     xf = x.reshape(N, E)
     probs, idx, w = route(xf, mp["router"], cfg, bias)
     flat = idx.reshape(-1)  # expert of each token-slot, token-major
-    order = xp.argsort(flat)  # stable: grouped by expert, token order within a group
     counts = xp.bincount(flat, X)
-    xs = xf[order // K]
-    if cfg.capacity_factor is None:
-        ys = experts_grouped(xs, mp, counts, kernels.get("grouped_mm", xp.grouped_mm))
-        dropped = xp.asarray(0, "int32", like=x)
+    gmm = kernels.get("grouped_mm", xp.grouped_mm)
+    dropped = xp.asarray(0, "int32", like=x)
+    if "moe_dispatch" in kernels and cfg.capacity_factor is None:  # expert parallelism (shard.moe_dispatch)
+        weights = {n: mp[n] for n in ("w_gate", "w_up", "w_down")}
+        y = kernels["moe_dispatch"](xf, idx, weights, lambda xs, ws, sizes: experts_grouped(xs, ws, sizes, gmm))
     else:
-        capacity = max(1, math.ceil(cfg.capacity_factor * N * K / X))
-        ys, dropped = experts_capacity(xs, mp, counts, flat[order], capacity)
-    y = ys[xp.argsort(order)].reshape(N, K, E)  # back to token-major
+        order = xp.argsort(flat)  # stable: grouped by expert, token order within a group
+        xs = xf[order // K]
+        if cfg.capacity_factor is None:
+            ys = experts_grouped(xs, mp, counts, gmm)
+        else:
+            capacity = max(1, math.ceil(cfg.capacity_factor * N * K / X))
+            ys, dropped = experts_capacity(xs, mp, counts, flat[order], capacity)
+        y = ys[xp.argsort(order)].reshape(N, K, E)  # back to token-major
     y = (y * w[..., None]).sum(1)  # routing weight applied after down_proj, as HF
     if valid is None:
         valid = xp.np.ones_like(probs[:, 0])
@@ -739,7 +744,8 @@ def forward_hidden(params, tokens, cfg, cache=None, *, positions=None, segment_i
     kernels = kernels or {}
     B, T = tokens.shape
     emb = params["embed"]
-    h = emb[tokens]
+    constrain = kernels.get("constrain", lambda x, axes: x)  # activation shardings on a shard.py mesh
+    h = constrain(emb[tokens], ("batch", "seq", "embed"))
     start = cache["len"] if cache is not None else 0
     t_idx = xp.arange(T, like=tokens) + start
     if positions is None:
@@ -758,7 +764,8 @@ def forward_hidden(params, tokens, cfg, cache=None, *, positions=None, segment_i
 
     def step(h, x):
         lp, ffn, bias, lc = x
-        return layer(h, lp, ffn, bias, cos, sin, mask, lc, start, cfg, kernels, valid)
+        h, y = layer(h, lp, ffn, bias, cos, sin, mask, lc, start, cfg, kernels, valid)
+        return constrain(h, ("batch", "seq", "embed")), y
 
     kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
     sparse = cfg.sparse_layers

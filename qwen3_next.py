@@ -841,11 +841,20 @@ def full_attention(x, lp, cfg, kernels, cache, ctx):
     return o, cache
 
 
-def moe(x, lp, cfg, row_mask):
+def experts_grouped(xs, mp, sizes):
+    """Dropless expert SwiGLU on token copies sorted by expert: xs [M, E], sizes [X] -> [M, E]."""
+    xp = shim(xs)
+    h = xp.silu(xp.grouped_mm(xs, mp["w_gate"], sizes)) * xp.grouped_mm(xs, mp["w_up"], sizes)
+    return xp.grouped_mm(h, mp["w_down"], sizes)
+
+
+def moe(x, lp, cfg, row_mask, kernels=None):
     """Qwen3NextSparseMoeBlock on x [B, T, E]: softmax router (fp32), top-k, optional renormalisation, dropless
-    grouped matmul over the token copies sorted by expert, plus the sigmoid-gated shared expert.
+    grouped matmul over the token copies sorted by expert (or kernels["moe_dispatch"], expert parallelism from
+    shard.moe_dispatch), plus the sigmoid-gated shared expert.
     Returns (y [B, T, E], stats [2, X]: top-k counts and summed router probabilities over the rows in row_mask)."""
     xp = shim(x)
+    kernels = kernels or {}
     B, T, E = x.shape
     X, k = cfg.num_experts, cfg.num_experts_per_tok
     xf = x.reshape(B * T, E)
@@ -856,13 +865,14 @@ def moe(x, lp, cfg, row_mask):
         top_p = top_p / xp.sum(top_p, -1, keepdims=True)
     top_p = xp.cast(top_p, x.dtype)
     flat = top_i.reshape(-1)
-    order = xp.argsort(flat)                                       # token copies grouped by expert
-    tok = order // k
-    sizes = xp.bincount(flat, X)
-    xs = xf[tok]
-    h = xp.silu(xp.grouped_mm(xs, lp["w_gate"], sizes)) * xp.grouped_mm(xs, lp["w_up"], sizes)
-    out = xp.grouped_mm(h, lp["w_down"], sizes) * top_p.reshape(-1)[order][:, None]
-    y = xp.index_add(B * T, tok, out)
+    if "moe_dispatch" in kernels:
+        weights = {n: lp[n] for n in ("w_gate", "w_up", "w_down")}
+        y = (kernels["moe_dispatch"](xf, top_i, weights, experts_grouped) * top_p[..., None]).sum(1)
+    else:
+        order = xp.argsort(flat)                                   # token copies grouped by expert
+        tok = order // k
+        out = experts_grouped(xf[tok], lp, xp.bincount(flat, X)) * top_p.reshape(-1)[order][:, None]
+        y = xp.index_add(B * T, tok, out)
     shared = mlp(xf, lp["sw_gate"], lp["sw_up"], lp["sw_down"])
     y = y + xp.sigmoid(xp.np.einsum("ne,e->n", xf, lp["shared_gate"]))[:, None] * shared
     m = xp.cast(row_mask.reshape(-1), "float32")
@@ -879,7 +889,7 @@ def decoder_layer(h, lp, kind, cfg, kernels, cache, ctx):
     mix = linear_attention if kind == LINEAR else full_attention
     o, cache = mix(x, lp, cfg, kernels, cache, ctx)
     h = h + o
-    y, stats = moe(norm(h, lp["mlp_norm"], cfg.rms_norm_eps), lp, cfg, ctx["row_mask"])
+    y, stats = moe(norm(h, lp["mlp_norm"], cfg.rms_norm_eps), lp, cfg, ctx["row_mask"], kernels)
     return h + y, cache, stats
 
 
@@ -948,7 +958,8 @@ def forward_hidden(params, tokens, cfg, cache=None, *, positions=None, segment_i
     kernels = kernels or {}
     B, T = tokens.shape
     emb = params["embed"]
-    h = emb[tokens]
+    constrain = kernels.get("constrain", lambda x, axes: x)  # activation shardings on a shard.py mesh
+    h = constrain(emb[tokens], ("batch", "seq", "embed"))
     ctx = _context(tokens, cfg, cache, positions, segment_ids, emb.dtype)
     pattern, n_blocks = block_pattern(cfg)
     blk = lambda a: a.reshape((n_blocks, a.shape[0] // n_blocks) + tuple(a.shape[1:]))
@@ -970,6 +981,7 @@ def forward_hidden(params, tokens, cfg, cache=None, *, positions=None, segment_i
             lp = _tree_map(lambda a: a[j], x[s])
             lc = _tree_map(lambda a: a[j], x[s + "_c"]) if cache is not None else None
             h, lc, st = decoder_layer(h, lp, kind, cfg, kernels, lc, ctx)
+            h = constrain(h, ("batch", "seq", "embed"))
             new[s + "_c"].append(lc)
             stats.append(st)
         ys = {"stats": xp.np.stack(stats)}

@@ -306,6 +306,90 @@ def constrainer(mesh):
     return lambda x, axes: constrain(x, axes, mesh)
 
 
+EXPERT_AXES = {"w_gate": ("experts", "embed", "moe_mlp"), "w_up": ("experts", "embed", "moe_mlp"),
+               "w_down": ("experts", "moe_mlp", "embed")}
+
+
+def moe_dispatch(mesh, capacity_factor=None):
+    """Expert parallelism for the MoE layers on a JAX mesh with ep > 1, or None when ep is 1. The callable goes in
+    the model's kernels dict as kernels["moe_dispatch"] and is called by the model's MoE block as
+        dispatch(x [N, E], idx [N, K] expert of each token-slot, weights {w_gate, w_up, w_down}, experts)
+    where experts(xs, weights, group_sizes) is the model's grouped SwiGLU over rows sorted by expert. It returns the
+    expert output of every token-slot, [N, K, E], which the model weights and sums as before.
+
+    Inside a shard_map, each device holds its batch rows (split over data, fsdp, ep) and its X/ep experts (their
+    embed dimension gathered over fsdp, their moe_mlp columns left split over tp). Each device sorts its token-slots
+    by expert, so the slots for the experts of ep-peer d are one contiguous run, and one all_to_all over ep sends
+    every run to its peer; the peer sorts what it received by its local expert, runs the grouped matmul (a psum over
+    tp adds the column halves), and a second all_to_all sends the results back to the same places. XLA:CPU has no
+    ragged all-to-all, so each run travels in a fixed buffer: S rows per peer (S = the device's token-slots) is
+    dropless; capacity_factor c shrinks it to ceil(c * S / ep) rows and drops the overflow (zero output)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec
+    sizes = mesh_sizes(mesh)
+    ep = sizes["ep"]
+    if ep == 1:
+        return None
+    batch = _pspec(logical_to_mesh(("batch",), activation=True))[0]
+    spec = {n: _pspec(logical_to_mesh(a)) for n, a in EXPERT_AXES.items()}
+    gather = {n: [(i, m[0]) for i, m in enumerate(logical_to_mesh(a)) if m and m[0] in ("data", "fsdp")]
+              for n, a in EXPERT_AXES.items()}
+
+    def local(x, idx, weights, experts):
+        w = dict(weights)
+        for n, axes in gather.items():  # FSDP: the whole embed dimension of this device's experts
+            for i, ax in axes:
+                w[n] = jax.lax.all_gather(w[n], ax, axis=i, tiled=True)
+        n_tok, K = idx.shape
+        S, Xl = n_tok * K, w["w_gate"].shape[0]
+        cap = S if capacity_factor is None else max(1, min(S, math.ceil(capacity_factor * S / ep)))
+        flat = idx.reshape(-1)
+        order = jnp.argsort(flat, stable=True)                   # slots by (peer, local expert), token order within
+        e_sorted = flat[order]
+        peer = e_sorted // Xl
+        counts = jnp.bincount(flat, length=Xl * ep).reshape(ep, Xl)  # slots for each expert of each peer
+        start = jnp.cumsum(counts.sum(1)) - counts.sum(1)
+        pos = jnp.arange(S) - start[peer]                        # place in the peer's run
+        keep = pos < cap
+        dest = jnp.where(keep, peer * cap + pos, ep * cap)         # row ep*cap: the dump for dropped slots
+        send = jnp.zeros((ep * cap + 1, x.shape[1]), x.dtype).at[dest].set(x[order // K])[:-1]
+        recv = jax.lax.all_to_all(send.reshape(ep, cap, -1), "ep", 0, 0)          # [source, cap, E]
+        got = jnp.minimum(jax.lax.all_to_all(counts, "ep", 0, 0), cap)            # what each source sent me
+        got = jnp.minimum(jnp.cumsum(got, 1), cap)                 # cut at the buffer: later experts lose rows first
+        row = jnp.arange(cap)
+        expert = (row[None, :, None] >= got[:, None, :]).sum(-1)  # local expert of each received row; Xl = padding
+        perm = jnp.argsort(expert.reshape(-1), stable=True)
+        group = jnp.bincount(expert.reshape(-1), length=Xl + 1)[:Xl]
+        ys = experts(recv.reshape(ep * cap, -1)[perm], w, group)
+        ys = jax.lax.psum(ys, "tp")                                # moe_mlp columns split over tp (size 1: a no-op)
+        ys = jnp.zeros_like(ys).at[perm].set(ys)                   # back to [source, row] order
+        back = jax.lax.all_to_all(ys.reshape(ep, cap, -1), "ep", 0, 0).reshape(ep * cap, -1)
+        back = jnp.concatenate([back, jnp.zeros_like(back[:1])], 0)[dest]   # dropped slots read the zero row
+        out = jnp.zeros_like(back).at[order].set(back)              # token-major slots
+        return out.reshape(n_tok, K, -1)
+
+    def dispatch(x, idx, weights, experts):
+        names = sorted(weights)
+        f = jax.shard_map(lambda x, idx, *ws: local(x, idx, dict(zip(names, ws)), experts), mesh=mesh,
+                          in_specs=(PartitionSpec(batch, None), PartitionSpec(batch, None),
+                                    *[spec[n] for n in names]),
+                          out_specs=PartitionSpec(batch, None, None))
+        return f(x, idx, *[weights[n] for n in names])
+    return dispatch
+
+
+def mesh_kernels(mesh, model, cfg):
+    """What a JAX mesh adds to a model's kernels dict: "constrain" (activation shardings) and, for MoE models on a
+    mesh with ep > 1, "moe_dispatch" (all-to-all expert parallelism). Empty without a mesh."""
+    if mesh is None or math.prod(mesh_sizes(mesh).values()) == 1:
+        return {}
+    out = {"constrain": constrainer(mesh)}
+    if any("experts" in p.axes for p in model.param_table(cfg).values()) and mesh_sizes(mesh)["ep"] > 1:
+        out["moe_dispatch"] = moe_dispatch(mesh)
+    return out
+
+
 def init_distributed():
     """jax.distributed.initialize when launched on several hosts; a no-op on one. Driven by the environment:
     JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES, JAX_PROCESS_ID) explicitly, or the clusters JAX detects by

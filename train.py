@@ -703,6 +703,7 @@ class JaxTrainer:
         self.params = shard.shard_params(self.params, self.model, self.cfg, mesh)
         self.opt_state = shard.jit_init(self.tx.init, self.params, model=self.model, cfg=self.cfg, mesh=mesh)
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp", "ep"), None))
+        self.kernels = {**self.kernels, **shard.mesh_kernels(mesh, self.model, self.cfg)}  # read when _step traces
 
     batch_sharding = None
 

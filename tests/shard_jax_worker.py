@@ -38,13 +38,13 @@ def main(name, out_path, specs):
     tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (8, 17)).astype(np.int32)
     opt = optax.adamw(1e-3, weight_decay=0.1)
 
-    def loss_fn(params, tokens):
-        logits, _ = model.forward(params, tokens[:, :-1], cfg)
+    def loss_fn(params, tokens, kernels=None):
+        logits, _ = model.forward(params, tokens[:, :-1], cfg, kernels=kernels)
         lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
         return -jnp.take_along_axis(lp, tokens[:, 1:, None], -1).mean()
 
-    def step(params, opt_state, tokens):
-        loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+    def step(params, opt_state, tokens, kernels):
+        loss, grads = jax.value_and_grad(loss_fn)(params, tokens, kernels)
         upd, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, upd), opt_state, loss, grads
 
@@ -54,25 +54,30 @@ def main(name, out_path, specs):
         opt_state = shard.jit_init(opt.init, params, model=model, cfg=cfg, mesh=mesh)
         osh = shard.tree_shardings(opt_state, model, cfg, mesh)
         bsh = shard.batch_sharding(mesh)
-        f = jax.jit(step, in_shardings=(psh, osh, bsh), out_shardings=(psh, osh, shard.replicated(mesh), psh),
-                    donate_argnums=(0, 1))
+        kernels = shard.mesh_kernels(mesh, model, cfg)  # activation constraints; all-to-all experts when ep > 1
+        f = jax.jit(lambda p, o, t: step(p, o, t, kernels), in_shardings=(psh, osh, bsh),
+                    out_shardings=(psh, osh, shard.replicated(mesh), psh), donate_argnums=(0, 1))
         init = jax.tree.map(np.asarray, params)
         batch = jax.device_put(tokens, bsh)
+        lowered = f.lower(params, opt_state, batch)
+        hlo = lowered.compile().as_text()  # after SPMD partitioning (its own resharding all-to-alls included)
+        collectives = {op: hlo.count(op + "(") for op in ("all-to-all", "all-gather", "reduce-scatter", "all-reduce")}
+        collectives["user all-to-all"] = lowered.as_text().count("all_to_all")  # written in the program (shard_map)
         losses, grads0 = [], None
         for i in range(STEPS):
             params, opt_state, loss, grads = f(params, opt_state, batch)
             losses.append(float(loss))
             if i == 0:
                 grads0 = jax.tree.map(np.asarray, grads)
-        return init, grads0, losses, params
+        return init, grads0, losses, params, collectives
 
     one = shard.make_mesh(shard.parse_mesh("fsdp=1", 1), devices=jax.devices()[:1])
-    r_init, r_grads, r_losses, _ = run(one)
+    r_init, r_grads, r_losses, _, _ = run(one)
     res = {"ref_losses": r_losses, "meshes": {}}
     finals = {}
     for spec in specs:
         mesh = shard.make_mesh(shard.parse_mesh(spec, 8))
-        init, grads, losses, params = run(mesh)
+        init, grads, losses, params, collectives = run(mesh)
         finals[spec] = (mesh, params)
         lay = shard.layout(model, cfg, mesh)
         shards, full_copies = {}, []
@@ -85,7 +90,8 @@ def main(name, out_path, specs):
         res["meshes"][spec] = {
             "init_max_diff": max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(r_init))),
             "grad_rel": {n: rel(g, shard._flatten(r_grads)[n]) for n, g in shard._flatten(grads).items()},
-            "losses": losses, "shards": shards, "full_copies": full_copies}
+            "losses": losses, "shards": shards, "full_copies": full_copies, "collectives": collectives,
+            "moe_dispatch": "moe_dispatch" in shard.mesh_kernels(mesh, model, cfg)}
     # checkpoint: saved on the first mesh, restored onto the second
     import orbax.checkpoint as ocp
     (m1, p1), (m2, _) = finals[specs[0]], finals[specs[1]]

@@ -156,6 +156,9 @@ def test_jax_sharded_equals_single_device(name, jax_results):
     restores onto the second with the same loss."""
     res = jax_results(name)
     _check(res, "device")
+    for spec, m in res["meshes"].items():  # expert parallelism: tokens travel by all-to-all on ep meshes
+        assert m["moe_dispatch"] == ("ep=2" in spec and kind(_model(name)) != "dense"), spec
+        assert (m["collectives"]["user all-to-all"] > 0) == m["moe_dispatch"], (spec, m["collectives"])
     assert res["ckpt"]["restored_spec"] == res["ckpt"]["expected_spec"]
 
 
