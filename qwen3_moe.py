@@ -812,7 +812,10 @@ def _aux(xp, stats, valid, cfg):
     f = stats["slots"].sum(0) / rows
     p = stats["probs"].sum(0) / rows
     return {"router_aux_loss": cfg.num_experts * (f * p).sum(), "expert_counts": stats["counts"],
-            "dropped": stats["dropped"].sum()}
+            "dropped": stats["dropped"].sum(),
+            # the sums behind f and P, so a data-parallel trainer can add them over batch shards first
+            "router_stats": xp.concat([stats["slots"].sum(0), stats["probs"].sum(0),
+                                       xp.cast(rows, "float32")[None]], 0)}
 
 
 # same as qwen3.lm_head

@@ -993,7 +993,10 @@ def forward_hidden(params, tokens, cfg, cache=None, *, positions=None, segment_i
     stats = ys["stats"].reshape((cfg.num_hidden_layers, 2, cfg.num_experts))
     rows = xp.sum(xp.cast(ctx["row_mask"], "float32"), (0, 1)) * cfg.num_hidden_layers
     f, p = xp.sum(stats[:, 0], 0) / rows, xp.sum(stats[:, 1], 0) / rows
-    aux = {"router_aux_loss": xp.sum(f * p, 0) * cfg.num_experts, "expert_counts": xp.cast(stats[:, 0], "int32")}
+    aux = {"router_aux_loss": xp.sum(f * p, 0) * cfg.num_experts, "expert_counts": xp.cast(stats[:, 0], "int32"),
+           # the sums behind f and p, so a data-parallel trainer can add them over batch shards first
+           "router_stats": xp.concat([xp.sum(stats[:, 0], 0), xp.sum(stats[:, 1], 0),
+                                      xp.cast(rows, "float32")[None]], 0)}
     if cache is not None:
         unblk = lambda a: a.reshape((a.shape[0] * a.shape[1],) + tuple(a.shape[2:]))
         new = dict(cache)

@@ -324,13 +324,15 @@ def moe_dispatch(mesh, capacity_factor=None):
     tp adds the column halves), and a second all_to_all sends the results back to the same places. XLA:CPU has no
     ragged all-to-all, so each run travels in a fixed buffer: S rows per peer (S = the device's token-slots) is
     dropless; capacity_factor c shrinks it to ceil(c * S / ep) rows and drops the overflow (zero output)."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import PartitionSpec
     sizes = mesh_sizes(mesh)
     ep = sizes["ep"]
     if ep == 1:
         return None
+    if hasattr(mesh, "mesh_dim_names"):
+        return _moe_dispatch_torch(mesh)
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec
     batch = _pspec(logical_to_mesh(("batch",), activation=True))[0]
     spec = {n: _pspec(logical_to_mesh(a)) for n, a in EXPERT_AXES.items()}
     gather = {n: [(i, m[0]) for i, m in enumerate(logical_to_mesh(a)) if m and m[0] in ("data", "fsdp")]
@@ -380,11 +382,12 @@ def moe_dispatch(mesh, capacity_factor=None):
 
 
 def mesh_kernels(mesh, model, cfg):
-    """What a JAX mesh adds to a model's kernels dict: "constrain" (activation shardings) and, for MoE models on a
-    mesh with ep > 1, "moe_dispatch" (all-to-all expert parallelism). Empty without a mesh."""
+    """What a mesh adds to a model's kernels dict: "constrain" (JAX activation shardings) and, for MoE models on a
+    mesh with ep > 1, "moe_dispatch" (all-to-all expert parallelism; on torch it needs
+    compute_params(..., experts_local=True)). Empty without a mesh."""
     if mesh is None or math.prod(mesh_sizes(mesh).values()) == 1:
         return {}
-    out = {"constrain": constrainer(mesh)}
+    out = {} if hasattr(mesh, "mesh_dim_names") else {"constrain": constrainer(mesh)}
     if any("experts" in p.axes for p in model.param_table(cfg).values()) and mesh_sizes(mesh)["ep"] > 1:
         out["moe_dispatch"] = moe_dispatch(mesh)
     return out
@@ -622,14 +625,16 @@ def _any_dtensor(tree):
 BATCH_AXES = ("data", "fsdp", "ep")
 
 
-def compute_params(params, mesh):
+def compute_params(params, mesh, experts_local=False):
     """Stored DTensor params -> what the torch forward computes with, FSDP2-style: every mesh axis the batch is
     split over (data, fsdp, ep) is all-gathered, and its gradient comes back as a partial sum that the backward
     reduce-scatters onto the stored shards (all-reduce for data). Weights sharded over tp stay sharded: they become
     DTensors on the tp sub-mesh, so DTensor runs the heads / MLP columns / vocab in parallel and inserts the
     all-reduces; without tp they are plain tensors and the forward runs at single-device speed.
+    experts_local: expert weights split over ep (w_gate/w_up/w_down) keep only this rank's experts, for moe_dispatch's
+    all-to-all expert parallelism (their gradients then arrive whole for those experts from the ep group).
     Call inside the training step (differentiable); run forward and backward under compute_context(params)."""
-    from torch.distributed.tensor import DTensor, Partial, Replicate
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
     names = list(mesh.mesh_dim_names)
     tp = names.index("tp") if "tp" in names else None
     out = {}
@@ -637,12 +642,47 @@ def compute_params(params, mesh):
         if not isinstance(p, DTensor):
             out[n] = p
             continue
-        gather = [pl if i == tp else Replicate() for i, pl in enumerate(p.placements)]
-        grad = [pl if i == tp else Partial() if names[i] in BATCH_AXES else Replicate()
+        expert = experts_local and n.rsplit(".", 1)[-1] in EXPERT_AXES  # the routed experts' SwiGLU weights
+        keep = lambda i, pl: i == tp or (expert and names[i] == "ep" and isinstance(pl, Shard))  # noqa: E731
+        gather = [pl if keep(i, pl) else Replicate() for i, pl in enumerate(p.placements)]
+        grad = [pl if keep(i, pl) else Partial() if names[i] in BATCH_AXES else Replicate()
                 for i, pl in enumerate(gather)]
         local = p.redistribute(p.device_mesh, gather).to_local(grad_placements=grad)
         out[n] = local if tp is None else DTensor.from_local(local, mesh["tp"], [gather[tp]], run_check=False)
     return _unflatten(out)
+
+
+def _moe_dispatch_torch(mesh):
+    """moe_dispatch on a torch DeviceMesh (see the JAX version for the contract): this rank's token-slots, sorted by
+    expert, go to the ep-peer holding their expert with one all_to_all_single of uneven splits (dropless; the
+    split sizes are exchanged first, a host sync), the peer runs the grouped matmul over its experts (the weights
+    from compute_params(..., experts_local=True)) and a second all_to_all_single sends the outputs back.
+    Differentiable (torch.distributed.nn's all_to_all_single). tp on MoE models is not supported by the torch path."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
+    if mesh_sizes(mesh)["tp"] > 1:
+        raise MeshError("torch expert parallelism with tp > 1 is not supported; use fsdp/ep/data for MoE models")
+    group, ep = mesh["ep"].get_group(), mesh_sizes(mesh)["ep"]
+
+    def dispatch(x, idx, weights, experts):
+        n_tok, K = idx.shape
+        Xl = weights["w_gate"].shape[0]
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)               # slots by (peer, local expert), token order within
+        counts = torch.bincount(flat, minlength=Xl * ep).reshape(ep, Xl)
+        got = torch.empty_like(counts)
+        dist.all_to_all_single(got, counts, group=group)         # [source, local expert] rows coming to me
+        send, recv = counts.sum(1).tolist(), got.sum(1).tolist()
+        xs = x[order // K]
+        rx = dist_fn.all_to_all_single(xs.new_empty((sum(recv), x.shape[1])), xs, recv, send, group=group)
+        expert = torch.repeat_interleave(torch.arange(Xl, device=x.device).repeat(ep), got.reshape(-1))
+        perm = torch.argsort(expert, stable=True)                # received rows grouped by local expert
+        ys = experts(rx[perm], weights, got.sum(0))
+        ys = ys[torch.argsort(perm)]
+        back = dist_fn.all_to_all_single(ys.new_empty((sum(send), ys.shape[1])), ys, send, recv, group=group)
+        return back[torch.argsort(order)].reshape(n_tok, K, -1)
+    return dispatch
 
 
 def batch_shards(mesh):

@@ -760,10 +760,12 @@ def _forward_kw(model, a, kernels, extra, mb):
     return kw
 
 
-def _loss(model, cfg, a, kernels, p, extra, mb, n, ce, remat_all=None, shards=1):
+def _loss(model, cfg, a, kernels, p, extra, mb, n, ce, remat_all=None, shards=1, aux_sum=None):
     """The training loss of one micro-batch: summed CE / global token count, + aux-loss coef * router aux loss
     (averaged over micro-batches by the caller's sum / accum, and over `shards` batch shards when each process
-    holds a shard of the micro-batch), + MTP_WEIGHT * MTP CE when the model has MTP."""
+    holds a shard of the micro-batch), + MTP_WEIGHT * MTP CE when the model has MTP. aux_sum: a differentiable
+    sum over the processes, which makes the aux loss that of the whole micro-batch (its routing statistics added
+    over batch shards before the product, as on one device)."""
     n_tokens, n_mtp = n
 
     def body(p, mb):
@@ -775,8 +777,12 @@ def _loss(model, cfg, a, kernels, p, extra, mb, n, ce, remat_all=None, shards=1)
         metrics = {"ce": loss}
         if a.moe_balance == "aux" and "router_aux_loss" in aux:
             coef = getattr(cfg, "router_aux_loss_coef", 0.001)
-            loss = loss + coef * aux["router_aux_loss"] / (a.accum * shards)
-            metrics["router_aux_loss"] = aux["router_aux_loss"]
+            r = aux["router_aux_loss"]
+            if aux_sum is not None and "router_stats" in aux:  # f_e and P_e over the whole micro-batch
+                st = aux_sum(aux["router_stats"])
+                r = cfg.num_experts * (st[:-1].reshape(2, -1).prod(0)).sum() / st[-1] ** 2
+            loss = loss + coef * r / (a.accum * shards)
+            metrics["router_aux_loss"] = r
         if hasattr(model, "mtp_forward") and "mtp" in p:
             # slot t of the MTP head sees the hidden state at t and the embedding of token t+1, and predicts t+2
             hm, wm = _mtp_hidden(model, p, h[:, :-1], mb["tokens"][:, 1:], cfg, kernels,
@@ -863,7 +869,7 @@ class TorchTrainer:
         if a.compile:
             self._loss = torch.compile(self.loss_fn)
 
-    def loss_fn(self, params, extra, mb, n, shards=1):
+    def loss_fn(self, params, extra, mb, n, shards=1, aux_sum=None):
         dt = getattr(self.torch, self.a.dtype)
         p = {k: v.to(dt) for k, v in _flatten(params).items()}
         remat_all = None
@@ -871,7 +877,8 @@ class TorchTrainer:
             import torch.utils.checkpoint as ckpt
             remat_all = lambda f: (lambda *x: ckpt.checkpoint(f, *x, use_reentrant=False))  # noqa: E731
         return _loss(self.model, self.cfg, self.a, self.kernels, self.model.unflatten(p), extra, mb, n,
-                     ce=self.kernels.get("cross_entropy", cross_entropy_ref_torch), remat_all=remat_all, shards=shards)
+                     ce=self.kernels.get("cross_entropy", cross_entropy_ref_torch), remat_all=remat_all, shards=shards,
+                     aux_sum=aux_sum)
 
     def step(self, batch):
         torch = self.torch
@@ -955,14 +962,21 @@ class TorchTrainer:
         self.extra = sd["extra"]
 
 
+def _all_sum_grad(t):
+    """Sum over all processes, differentiable (its backward sums the gradients likewise)."""
+    import torch.distributed.nn.functional as dist_fn
+    return dist_fn.all_reduce(t)
+
+
 class TorchMeshTrainer(TorchTrainer):
     """The torch trainer on a shard.py DeviceMesh, one process per device under torchrun. Params and AdamW state are
     DTensors laid out by shard.RULES (each rank stores its shards; the optimizer updates them locally). Every rank
     builds the same global batch and takes its rows (shard.local_batch); the step computes with
     shard.compute_params (the batch axes all-gathered, gradients reduce-scattered back onto the shards, tp through
     DTensor), and each rank's loss is its rows' summed CE over the global batch's token count, so the gradients
-    add up to the one-process ones. The router aux loss is the mean of each batch shard's own aux loss (its
-    statistics over that shard's rows), so MoE runs with --moe-balance aux differ from one process by that term."""
+    add up to the one-process ones. The router aux loss is that of the whole micro-batch: its routing statistics are
+    summed over the processes (differentiably) before the product, as on one device. MoE layers on ep > 1 keep
+    each rank's experts and send tokens to them by all-to-all (shard.moe_dispatch)."""
 
     def __init__(self, model, cfg, params, a, kernels, mesh):
         import torch
@@ -995,6 +1009,11 @@ class TorchMeshTrainer(TorchTrainer):
         self.world = math.prod(sizes.values())
         if self.tp > 1:  # the head's vocabulary is split over tp: a CE that works on those blocks
             self.kernels = {**kernels, "cross_entropy": cross_entropy_tp}
+        try:  # MoE on ep > 1: each rank keeps its experts and tokens travel to them by all-to-all
+            self.kernels = {**self.kernels, **shard.mesh_kernels(mesh, model, cfg)}
+        except ValueError as e:
+            raise convert.UserError(f"mesh {shard.mesh_str(sizes)}: {e}") from None
+        self.experts_local = "moe_dispatch" in self.kernels
 
     def _rows(self, x):
         """This rank's rows of a [B, T] (or [n, B, T]) global batch."""
@@ -1017,8 +1036,8 @@ class TorchMeshTrainer(TorchTrainer):
         for i in range(self.a.accum):
             mb = {k: self._rows(v[i]) for k, v in batch.items()}
             with shard.compute_context(self.params):
-                cp = shard.compute_params(self.params, self.mesh)
-                loss, (metrics, c) = self.loss_fn(cp, self.extra, mb, n, shards=self.n_shards)
+                cp = shard.compute_params(self.params, self.mesh, self.experts_local)
+                loss, (metrics, c) = self.loss_fn(cp, self.extra, mb, n, shards=self.n_shards, aux_sum=_all_sum_grad)
                 loss = _plain(loss)
                 loss.backward()
             total += loss.detach()
@@ -1075,7 +1094,8 @@ class TorchMeshTrainer(TorchTrainer):
         torch, shard = self.torch, self.shard
         with torch.no_grad(), shard.compute_context(self.params):
             dt = getattr(torch, self.a.dtype)
-            p = {k: v.to(dt) for k, v in _flatten(shard.compute_params(self.params, self.mesh)).items()}
+            cp = shard.compute_params(self.params, self.mesh, self.experts_local)
+            p = {k: v.to(dt) for k, v in _flatten(cp).items()}
             s, n = _eval_sums(self.model, self.cfg, self.a, self.kernels, self.model.unflatten(p), self.extra,
                               {k: self._rows(torch.as_tensor(v).long().to(self.device)) for k, v in batch.items()},
                               losses=_token_losses_tp if self.tp > 1 else None)

@@ -29,8 +29,8 @@ def main(name, out_path, specs):
     cfg = tiny_cfg(model)
     tokens = torch.as_tensor(np.random.RandomState(0).randint(0, cfg.vocab_size, (8, 17)))
 
-    def loss_fn(params, tokens):
-        logits, _ = model.forward(params, tokens[:, :-1], cfg)
+    def loss_fn(params, tokens, kernels=None):
+        logits, _ = model.forward(params, tokens[:, :-1], cfg, kernels=kernels)
         logits = logits.float()
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(0, 1))
 
@@ -42,11 +42,13 @@ def main(name, out_path, specs):
         opt = torch.optim.AdamW(list(flat.values()), lr=1e-3, weight_decay=0.1, foreach=False)
         local = tokens if mesh is None else shard.local_batch(tokens, mesh)
         nb = 1 if mesh is None else shard.batch_shards(mesh)[1]
+        kernels = shard.mesh_kernels(mesh, model, cfg)  # MoE on ep > 1: all-to-all expert parallelism
+        local_experts = "moe_dispatch" in kernels
         losses, grads0 = [], None
         for i in range(STEPS):
             with shard.compute_context(params):
-                cp = params if mesh is None else shard.compute_params(params, mesh)
-                loss = loss_fn(cp, local)
+                cp = params if mesh is None else shard.compute_params(params, mesh, local_experts)
+                loss = loss_fn(cp, local, kernels)
                 loss = loss.to_local() if shard._any_dtensor(loss) else loss
                 grads = torch.autograd.grad(loss / nb, list(flat.values()), allow_unused=True)
                 grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, flat.values())]  # MTP
@@ -60,16 +62,18 @@ def main(name, out_path, specs):
                 p.grad = g
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return losses, grads0, params, (placements_ok if mesh is not None else [])
+        return losses, grads0, params, (placements_ok if mesh is not None else []), local_experts
 
     def eval_loss(params, mesh):
         with torch.no_grad(), shard.compute_context(params):
-            loss = loss_fn(shard.compute_params(params, mesh), shard.local_batch(tokens, mesh))
+            kernels = shard.mesh_kernels(mesh, model, cfg)
+            loss = loss_fn(shard.compute_params(params, mesh, "moe_dispatch" in kernels), shard.local_batch(tokens, mesh),
+                           kernels)
             return shard.batch_mean(loss.to_local() if shard._any_dtensor(loss) else loss, mesh)
 
     ref = model.init(cfg, backend="torch", seed=0)
     ref_init = {n: v.clone() for n, v in shard._flatten(ref).items()}
-    r_losses, r_grads, _, _ = train(ref, None)
+    r_losses, r_grads, _, _, _ = train(ref, None)
     res = {"ref_losses": r_losses, "meshes": {}}
     finals = {}
     for spec in specs:
@@ -79,10 +83,11 @@ def main(name, out_path, specs):
         lay = shard.layout(model, cfg, mesh)
         shards = {n: {"global": list(v.shape), "local": list(v.to_local().shape), "rules": list(lay[n][2])}
                   for n, v in shard._flatten(params).items()}
-        losses, grads, params, bad_pl = train(params, mesh)
+        losses, grads, params, bad_pl, dispatch = train(params, mesh)
         finals[spec] = (mesh, params)
         res["meshes"][spec] = {
-            "init_max_diff": init_diff, "losses": losses, "grad_placement_mismatch": bad_pl, "shards": shards,
+            "init_max_diff": init_diff, "losses": losses, "moe_dispatch": dispatch, "grad_placement_mismatch": bad_pl,
+            "shards": shards,
             "grad_rel": {n: float(np.abs(g - r_grads[n]).max() / max(np.abs(r_grads[n]).max(), 1e-30))
                          for n, g in grads.items()}}
     (m1, p1), (m2, _) = finals[specs[0]], finals[specs[1]]

@@ -191,4 +191,6 @@ def test_torch_sharded_equals_single_process(name, torch_results):
     the first mesh loads onto the second with the same loss."""
     res = torch_results(name)
     _check(res, "local")
+    for spec, m in res["meshes"].items():  # MoE on ep meshes: tokens travel to their experts by all-to-all
+        assert m["moe_dispatch"] == ("ep=2" in spec and kind(_model(name)) != "dense"), spec
     assert res["ckpt"]["placements_ok"]
