@@ -1009,6 +1009,10 @@ class TorchMeshTrainer(TorchTrainer):
         self.world = math.prod(sizes.values())
         if self.tp > 1:  # the head's vocabulary is split over tp: a CE that works on those blocks
             self.kernels = {**kernels, "cross_entropy": cross_entropy_tp}
+        moe = any("experts" in p.axes for p in model.param_table(cfg).values())
+        if moe and self.tp > 1:
+            raise convert.UserError(f"mesh {shard.mesh_str(sizes)}: tensor parallelism on MoE models is not supported "
+                                    "by the torch backend yet; use fsdp/ep/data (or --backend jax)")
         try:  # MoE on ep > 1: each rank keeps its experts and tokens travel to them by all-to-all
             self.kernels = {**self.kernels, **shard.mesh_kernels(mesh, model, cfg)}
         except ValueError as e:
