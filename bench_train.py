@@ -21,12 +21,14 @@ sys.path.insert(0, ROOT)
 
 SHAPE = dict(vocab_size=151936, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=4, head_dim=64, tie_word_embeddings=True)
-CONFIGS = {  # name -> (who, backend, dtype)
-    "hf-fp32": ("hf", "torch", "float32"),
-    "jax-fp32": ("ours", "jax", "float32"),
-    "torch-fp32": ("ours", "torch", "float32"),
-    "jax-bf16": ("ours", "jax", "bfloat16"),
-    "torch-bf16": ("ours", "torch", "bfloat16"),
+CONFIGS = {  # name -> (who, backend, dtype, --remat)
+    "hf-fp32": ("hf", "torch", "float32", "none"),
+    "jax-fp32": ("ours", "jax", "float32", "none"),
+    "torch-fp32": ("ours", "torch", "float32", "none"),
+    "jax-fp32-remat": ("ours", "jax", "float32", "block"),
+    "torch-fp32-remat": ("ours", "torch", "float32", "block"),
+    "jax-bf16": ("ours", "jax", "bfloat16", "none"),
+    "torch-bf16": ("ours", "torch", "bfloat16", "none"),
 }
 
 
@@ -47,7 +49,7 @@ def torch_bf16_rate():
 
 def one(name, batch, seq, steps, warmup):
     """Runs one configuration in this process; prints one JSON line."""
-    who, backend, dtype = CONFIGS[name]
+    who, backend, dtype, remat = CONFIGS[name]
     import numpy as np
     import qwen3
     import train
@@ -72,7 +74,7 @@ def one(name, batch, seq, steps, warmup):
             times.append(time.perf_counter() - t)
     else:
         a = train.Args(model="qwen3", backend=backend, dtype=dtype, steps=warmup + steps, batch_size=batch,
-                       seq_len=seq, lr=1e-4, quiet=True, kernels="auto")
+                       seq_len=seq, lr=1e-4, quiet=True, kernels="auto", remat=remat)
         r = train.run(a, cfg=c, on_step=lambda *x: None, step_times=times)
         assert len(r["losses"]) == warmup + steps
     timed = times[warmup:]

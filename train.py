@@ -154,7 +154,9 @@ def cross_entropy_ref_jax(h, w, labels, ignore_index=IGNORE, chunk=None):
     h [N, E], w [E, V], labels [N]. Forward and gradient are computed chunk by chunk in one pass (custom VJP).
     The signature of the kernels modules' "cross_entropy"."""
     assert ignore_index == IGNORE
-    return _ce_jax(chunk or ce_chunk_size(w.shape[-1]))(h, w, labels), (labels != IGNORE).sum()
+    # internally the head is [V, E]: for a tied head that is the embedding itself (w.T.T cancels), so neither the
+    # weight nor its gradient is ever copied transposed, and the lookup's gradient adds onto the same buffer
+    return _ce_jax(chunk or ce_chunk_size(w.shape[-1]))(h, w.T, labels), (labels != IGNORE).sum()
 
 
 _CE_JAX = {}
@@ -173,8 +175,8 @@ def _ce_jax(chunk):
         labels = jnp.pad(labels, (0, n * chunk - N), constant_values=IGNORE)
         return h.reshape(n, chunk, E), labels.reshape(n, chunk)
 
-    def one(hx, w, lx, want_grad):
-        logits = jnp.dot(hx, w).astype(jnp.float32)  # [c, V]
+    def one(hx, wt, lx, want_grad):
+        logits = jnp.einsum("ce,ve->cv", hx, wt).astype(jnp.float32)  # [c, V]
         valid = lx != IGNORE
         tgt = jnp.where(valid, lx, 0)
         lse = jax.nn.logsumexp(logits, -1)
@@ -187,27 +189,38 @@ def _ce_jax(chunk):
         g = jnp.where(valid[:, None], g, 0.0).astype(hx.dtype)  # d loss_sum / d logits
         return loss, g
 
-    def token_losses(h, w, labels):
+    def token_losses(h, wt, labels):
         hc, lc = chunks(h, labels)
-        losses = jax.lax.map(lambda xs: one(xs[0], w, xs[1], False)[0], (hc, lc))
+        losses = jax.lax.map(lambda xs: one(xs[0], wt, xs[1], False)[0], (hc, lc))
         return losses.reshape(-1)[: h.shape[0]]
 
     @jax.custom_vjp
-    def ce(h, w, labels):
-        return token_losses(h, w, labels).sum()
+    def ce(h, wt, labels):
+        return token_losses(h, wt, labels).sum()
 
-    def fwd(h, w, labels):
+    def fwd(h, wt, labels):
         hc, lc = chunks(h, labels)
+        V, E = wt.shape
+        tile = -(-V // max(1, -(-V // chunk)))  # the vocab in tiles of about `chunk` columns
 
-        def body(dw, xs):
+        def body(dwt, xs):
             hx, lx = xs
-            loss, g = one(hx, w, lx, True)
-            dh = jnp.dot(g, w.T)
-            return dw + jnp.dot(hx.T, g, preferred_element_type=jnp.float32), (loss.sum(), dh)
+            loss, g = one(hx, wt, lx, True)
+            dh = jnp.dot(g, wt)
 
-        dw, (losses, dh) = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), (hc, lc))
+            def add_tile(i, dwt):  # dw^T[tile i] += g[:, tile i]^T hx, in place: no second [V, E] buffer
+                s = jnp.minimum(i * tile, V - tile)  # the last tile is shifted back; its overlap adds nothing
+                gi = jax.lax.dynamic_slice_in_dim(g, s, tile, 1)
+                new = jnp.dot(gi.T, hx, preferred_element_type=jnp.float32)
+                new = jnp.where((jnp.arange(tile) + s >= i * tile)[:, None], new, 0)
+                cur = jax.lax.dynamic_slice_in_dim(dwt, s, tile, 0)
+                return jax.lax.dynamic_update_slice_in_dim(dwt, cur + new, s, 0)
+
+            return jax.lax.fori_loop(0, -(-V // tile), add_tile, dwt), (loss.sum(), dh)
+
+        dwt, (losses, dh) = jax.lax.scan(body, jnp.zeros((V, E), jnp.float32), (hc, lc))
         dh = dh.reshape(-1, h.shape[1])[: h.shape[0]]
-        return losses.sum(), (dh, dw.astype(w.dtype), labels)
+        return losses.sum(), (dh, dwt.astype(wt.dtype), labels)
 
     def bwd(res, g):
         dh, dw, labels = res
@@ -239,22 +252,30 @@ class _CETorch:
                     want = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
                     total = torch.zeros((), dtype=torch.float32, device=h.device)
                     dh = torch.empty_like(h) if want else None
-                    dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want else None
+                    # dw accumulates in place in w's memory layout: [V, E] for a tied head (w = embed.T), so the
+                    # gradient reaches the embedding without a transposed copy
+                    tied = not w.is_contiguous() and w.T.is_contiguous()
+                    acc = torch.zeros(w.T.shape if tied else w.shape, dtype=torch.float32, device=w.device) \
+                        if want else None
                     for s in range(0, h.shape[0], chunk):
                         hx, lx = h[s:s + chunk], labels[s:s + chunk]
                         loss, g = _ce_chunk_torch(hx, w, lx, want)
                         total += loss.sum()
                         if want:
                             dh[s:s + chunk] = g @ w.T
-                            dw += (hx.T @ g).float()
+                            if hx.dtype == torch.float32:
+                                acc.addmm_(g.T, hx) if tied else acc.addmm_(hx.T, g)
+                            else:
+                                acc += (g.T @ hx).float() if tied else (hx.T @ g).float()
                     if want:
-                        ctx.save_for_backward(dh, dw.to(w.dtype))
+                        acc = acc.to(w.dtype)
+                        ctx.save_for_backward(dh, acc.T if tied else acc)
                     return total
 
                 @staticmethod
                 def backward(ctx, g):
-                    dh, dw = ctx.saved_tensors
-                    return dh * g.to(dh.dtype), dw * g.to(dw.dtype), None, None
+                    dh, dw = ctx.saved_tensors  # used once: scaled in place, no second [V, E] buffer
+                    return dh.mul_(g.to(dh.dtype)), dw.mul_(g.to(dw.dtype)), None, None
 
             cls.fn = CE
         return cls.fn
@@ -283,7 +304,7 @@ def token_losses(h, w, labels, chunk=None):
         with torch.no_grad():
             return torch.cat([_ce_chunk_torch(h[s:s + chunk], w, labels[s:s + chunk], False)[0]
                               for s in range(0, h.shape[0], chunk)])
-    return _ce_jax(chunk).token_losses(h, w, labels)
+    return _ce_jax(chunk).token_losses(h, w.T, labels)
 
 
 def _is_torch(x):
@@ -862,7 +883,8 @@ class TorchTrainer:
         table = model.param_table(cfg)
         groups = [{"params": [v for k, v in self.flat.items() if decays(table[k])], "weight_decay": a.weight_decay},
                   {"params": [v for k, v in self.flat.items() if not decays(table[k])], "weight_decay": 0.0}]
-        self.opt = torch.optim.AdamW(groups, lr=a.lr, betas=(a.beta1, a.beta2), eps=a.eps, foreach=True)
+        # fused: one kernel per tensor, no temporaries the size of the model (foreach makes several)
+        self.opt = torch.optim.AdamW(groups, lr=a.lr, betas=(a.beta1, a.beta2), eps=a.eps, fused=True)
         self.extra = _init_extra(model, cfg, a, "torch")
         self.n_updates = 0
         self._loss = self.loss_fn

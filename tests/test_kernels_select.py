@@ -10,9 +10,13 @@ import pytest
 from conftest import ROOT
 
 
+# cheap XLA compiles for the subprocesses (compilation, not execution, is most of their time on CPU)
+FAST_XLA = {"XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
+
+
 def _train(tmp_path, backend, kernels, model, extra_env):
     metrics = tmp_path / f"{backend}-{kernels}.jsonl"
-    env = dict(os.environ, **extra_env)
+    env = dict(os.environ, **FAST_XLA, **extra_env)
     r = subprocess.run([sys.executable, "train.py", "--model", model, "--size", "debug", "--backend", backend,
                         "--steps", "2", "--batch-size", "2", "--seq-len", "48", "--dtype", "float32", "--seed", "0",
                         "--kernels", kernels, "--metrics", str(metrics), "--quiet"],
@@ -49,7 +53,7 @@ auto = generate.generate(qwen3_next, cfg, params, prompts, max_new_tokens=6, tem
 print(ref, auto)
 assert ref == auto
 """
-    env = dict(os.environ, NANOQWEN_INTERPRET="1")
+    env = dict(os.environ, NANOQWEN_INTERPRET="1", **FAST_XLA)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -78,6 +82,6 @@ for mod in (qwen2, qwen3, qwen3_moe, qwen3_next):
     d = (ref - out).abs().max().item()
     assert d < 1e-4, (mod.__name__, d)
 """
-    env = dict(os.environ, NANOQWEN_INTERPRET="1")
+    env = dict(os.environ, NANOQWEN_INTERPRET="1", **FAST_XLA)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
