@@ -1488,7 +1488,8 @@ def _click_main():
         try:
             run(a)
             dist = sys.modules.get("torch.distributed")
-            if dist is not None and dist.is_initialized():  # a torchrun job: leave the process group cleanly
+            if dist is not None and dist.is_initialized():  # a torchrun job: leave the process group cleanly,
+                dist.barrier()                                # once every rank is done with its collectives
                 dist.destroy_process_group()
         except Diverged as e:
             if _is_main():

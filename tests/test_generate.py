@@ -274,6 +274,20 @@ def test_cli_generates(tiny_with_tokenizer, backend_args):
     assert r.stdout == tok.decode(new, skip_special_tokens=True) + "\n"
 
 
+def test_cli_from_converted_checkpoint(tiny_with_tokenizer, tmp_path, fmt="orbax"):
+    """--ckpt on a convert.py folder (tokenizer carried over) prints what --hf prints for the same weights (the DCP
+    reader behind --ckpt is convert.load_checkpoint's, round-tripped in tests/test_convert.py)."""
+    out = tmp_path / fmt
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), f"hf2{fmt}", "--hf", tiny_with_tokenizer,
+                        "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    backend = "jax" if fmt == "orbax" else "torch"
+    args = ["--prompt", "hi", "--max-new-tokens", "5", "--backend", backend]
+    a, b = _cli("--hf", tiny_with_tokenizer, *args), _cli("--ckpt", str(out), *args)
+    assert a.returncode == 0 and b.returncode == 0, (a.stderr + b.stderr)[-2000:]
+    assert b.stdout == a.stdout and b.stdout.strip()
+
+
 def test_cli_errors(tmp_path, hf_folders):
     r = _cli("--hf", str(tmp_path / "nope"), "--prompt", "hi")
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "nope" in r.stderr
