@@ -324,8 +324,9 @@ class _MoeTorch(_Torch):
     def argsort(self, x):
         return self.torch.argsort(x, stable=True)
 
-    def bincount(self, x, n, weights=None):
-        return self.torch.bincount(x, weights=weights, minlength=n)
+    def bincount(self, x, n, weights=None):  # scatter_add: a static shape (DTensor has a rule for it)
+        w = self.torch.ones_like(x) if weights is None else weights
+        return w.new_zeros(n).scatter_add(0, x, w)
 
     def cumsum(self, x):
         return self.torch.cumsum(x, 0)

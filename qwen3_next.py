@@ -317,8 +317,9 @@ class _Torch:
     def argsort(self, x):
         return self.torch.argsort(x, stable=True)
 
-    def bincount(self, x, n, weights=None):
-        return self.torch.bincount(x, weights=weights, minlength=n)
+    def bincount(self, x, n, weights=None):  # scatter_add: a static shape (DTensor has a rule for it)
+        w = self.torch.ones_like(x) if weights is None else weights
+        return w.new_zeros(n).scatter_add(0, x, w)
 
     def index_add(self, n, idx, vals):
         return vals.new_zeros((n,) + tuple(vals.shape[1:])).index_add(0, idx, vals)

@@ -311,7 +311,8 @@ EXPERT_AXES = {"w_gate": ("experts", "embed", "moe_mlp"), "w_up": ("experts", "e
 
 
 def moe_dispatch(mesh, capacity_factor=None):
-    """Expert parallelism for the MoE layers on a JAX mesh with ep > 1, or None when ep is 1. The callable goes in
+    """Expert parallelism for the MoE layers on a JAX mesh with ep > 1 (a torch mesh with ep > 1 or tp > 1), or None
+    otherwise. The callable goes in
     the model's kernels dict as kernels["moe_dispatch"] and is called by the model's MoE block as
         dispatch(x [N, E], idx [N, K] expert of each token-slot, weights {w_gate, w_up, w_down}, experts)
     where experts(xs, weights, group_sizes) is the model's grouped SwiGLU over rows sorted by expert. It returns the
@@ -326,10 +327,10 @@ def moe_dispatch(mesh, capacity_factor=None):
     dropless; capacity_factor c shrinks it to ceil(c * S / ep) rows and drops the overflow (zero output)."""
     sizes = mesh_sizes(mesh)
     ep = sizes["ep"]
+    if hasattr(mesh, "mesh_dim_names"):
+        return _moe_dispatch_torch(mesh) if ep > 1 or sizes["tp"] > 1 else None
     if ep == 1:
         return None
-    if hasattr(mesh, "mesh_dim_names"):
-        return _moe_dispatch_torch(mesh)
     import jax
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec
@@ -383,12 +384,13 @@ def moe_dispatch(mesh, capacity_factor=None):
 
 def mesh_kernels(mesh, model, cfg):
     """What a mesh adds to a model's kernels dict: "constrain" (JAX activation shardings) and, for MoE models on a
-    mesh with ep > 1, "moe_dispatch" (all-to-all expert parallelism; on torch it needs
-    compute_params(..., experts_local=True)). Empty without a mesh."""
+    mesh with ep > 1 (or a torch mesh with tp > 1), "moe_dispatch" (all-to-all expert parallelism, tp-split expert
+    columns on torch; on torch it needs compute_params(..., experts_local=True)). Empty without a mesh."""
     if mesh is None or math.prod(mesh_sizes(mesh).values()) == 1:
         return {}
     out = {} if hasattr(mesh, "mesh_dim_names") else {"constrain": constrainer(mesh)}
-    if any("experts" in p.axes for p in model.param_table(cfg).values()) and mesh_sizes(mesh)["ep"] > 1:
+    torch_tp = "constrain" not in out and mesh_sizes(mesh)["tp"] > 1
+    if any("experts" in p.axes for p in model.param_table(cfg).values()) and (mesh_sizes(mesh)["ep"] > 1 or torch_tp):
         out["moe_dispatch"] = moe_dispatch(mesh)
     return out
 
@@ -653,28 +655,36 @@ def compute_params(params, mesh, experts_local=False):
 
 
 def _moe_dispatch_torch(mesh):
-    """moe_dispatch on a torch DeviceMesh (see the JAX version for the contract): this rank's token-slots, sorted by
-    expert, go to the ep-peer holding their expert with one all_to_all_single of uneven splits (dropless; the
-    split sizes are exchanged first, a host sync), the peer runs the grouped matmul over its experts (the weights
-    from compute_params(..., experts_local=True)) and a second all_to_all_single sends the outputs back.
-    Differentiable (torch.distributed.nn's all_to_all_single). tp on MoE models is not supported by the torch path."""
+    """moe_dispatch on a torch DeviceMesh (see the JAX version for the contract).
+    ep > 1: this rank's token-slots, sorted by expert, go to the ep-peer holding their expert with one
+    all_to_all_single of uneven splits (dropless; the split sizes are exchanged first, a host sync), the peer runs
+    the grouped matmul over its experts (the weights from compute_params(..., experts_local=True)) and a second
+    all_to_all_single sends the outputs back. Differentiable (torch.distributed.nn's all_to_all_single).
+    tp > 1: the routing stays in DTensor (replicated over tp); the experts run on local tensors, each tp rank with
+    its moe_mlp columns of w_gate/w_up and rows of w_down, so its outputs are a partial sum (a Partial DTensor) that
+    one all-reduce over tp completes. The input's gradient is partial in the same way (grad_placements)."""
     import torch
     import torch.distributed as dist
     import torch.distributed.nn.functional as dist_fn
-    if mesh_sizes(mesh)["tp"] > 1:
-        raise MeshError("torch expert parallelism with tp > 1 is not supported; use fsdp/ep/data for MoE models")
-    group, ep = mesh["ep"].get_group(), mesh_sizes(mesh)["ep"]
+    sizes = mesh_sizes(mesh)
+    ep = sizes["ep"]
+    group = mesh["ep"].get_group() if ep > 1 else None
+    tp_mesh = mesh["tp"] if sizes["tp"] > 1 else None
 
-    def dispatch(x, idx, weights, experts):
+    def local(x, idx, weights, experts):
         n_tok, K = idx.shape
         Xl = weights["w_gate"].shape[0]
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)               # slots by (peer, local expert), token order within
-        counts = torch.bincount(flat, minlength=Xl * ep).reshape(ep, Xl)
+        counts = torch.bincount(flat, minlength=Xl * ep)
+        xs = x[order // K]
+        if group is None:                                      # all experts here (tp only)
+            ys = experts(xs, weights, counts)
+            return ys[torch.argsort(order)].reshape(n_tok, K, -1)
+        counts = counts.reshape(ep, Xl)
         got = torch.empty_like(counts)
         dist.all_to_all_single(got, counts, group=group)         # [source, local expert] rows coming to me
         send, recv = counts.sum(1).tolist(), got.sum(1).tolist()
-        xs = x[order // K]
         rx = dist_fn.all_to_all_single(xs.new_empty((sum(recv), x.shape[1])), xs, recv, send, group=group)
         expert = torch.repeat_interleave(torch.arange(Xl, device=x.device).repeat(ep), got.reshape(-1))
         perm = torch.argsort(expert, stable=True)                # received rows grouped by local expert
@@ -682,6 +692,17 @@ def _moe_dispatch_torch(mesh):
         ys = ys[torch.argsort(perm)]
         back = dist_fn.all_to_all_single(ys.new_empty((sum(send), ys.shape[1])), ys, send, recv, group=group)
         return back[torch.argsort(order)].reshape(n_tok, K, -1)
+
+    def dispatch(x, idx, weights, experts):
+        from torch.distributed.tensor import DTensor, Partial, Replicate
+        if tp_mesh is None or not isinstance(x, DTensor):
+            return local(x, idx, weights, experts)
+        x = x.redistribute(tp_mesh, [Replicate()])              # x may arrive as a partial sum (after a norm)
+        xl = x.to_local(grad_placements=[Partial()])             # each rank's columns add to x's gradient
+        il = idx.redistribute(tp_mesh, [Replicate()]).to_local() if isinstance(idx, DTensor) else idx
+        wl = {n: w.to_local() if isinstance(w, DTensor) else w for n, w in weights.items()}
+        y = local(xl, il, wl, experts)
+        return DTensor.from_local(y, tp_mesh, [Partial()], run_check=False).redistribute(tp_mesh, [Replicate()])
     return dispatch
 
 

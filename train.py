@@ -985,9 +985,16 @@ class TorchTrainer:
 
 
 def _all_sum_grad(t):
-    """Sum over all processes, differentiable (its backward sums the gradients likewise)."""
+    """Sum over the batch shards, differentiable (its backward sums the gradients likewise). Under tp the statistics
+    are a DTensor replicated over tp: the ranks of a tp group hold the same rows, so the sum over all processes
+    counts them tp times and is divided by tp. The result is a plain tensor (the same on every rank), so the loss
+    it enters stays plain and the CE's backward gets a plain gradient."""
     import torch.distributed.nn.functional as dist_fn
-    return dist_fn.all_reduce(t)
+    if not hasattr(t, "to_local"):
+        return dist_fn.all_reduce(t)
+    from torch.distributed.tensor import Replicate
+    mesh, n = t.device_mesh, t.device_mesh.size()
+    return dist_fn.all_reduce(t.redistribute(mesh, [Replicate()] * mesh.ndim).to_local()) / n
 
 
 class TorchMeshTrainer(TorchTrainer):
@@ -1031,11 +1038,8 @@ class TorchMeshTrainer(TorchTrainer):
         self.world = math.prod(sizes.values())
         if self.tp > 1:  # the head's vocabulary is split over tp: a CE that works on those blocks
             self.kernels = {**kernels, "cross_entropy": cross_entropy_tp}
-        moe = any("experts" in p.axes for p in model.param_table(cfg).values())
-        if moe and self.tp > 1:
-            raise convert.UserError(f"mesh {shard.mesh_str(sizes)}: tensor parallelism on MoE models is not supported "
-                                    "by the torch backend yet; use fsdp/ep/data (or --backend jax)")
-        try:  # MoE on ep > 1: each rank keeps its experts and tokens travel to them by all-to-all
+        try:  # MoE on ep > 1: each rank keeps its experts and tokens travel to them by all-to-all; on tp > 1 each
+            # rank runs its columns of every expert
             self.kernels = {**self.kernels, **shard.mesh_kernels(mesh, model, cfg)}
         except ValueError as e:
             raise convert.UserError(f"mesh {shard.mesh_str(sizes)}: {e}") from None

@@ -7,12 +7,11 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention
             num_experts_per_tok=2, shared_expert_intermediate_size=64, linear_num_key_heads=4,
             linear_num_value_heads=8, linear_key_head_dim=16, linear_value_head_dim=16)
 
-# the first two meshes of each list also check a checkpoint saved on one and restored on the other. Qwen3-Next's
-# Gated DeltaNet compiles slowly on CPU, so it runs two meshes. torch keeps tp off MoE models: DTensor has no
-# sharding rule for the router's bincount (tp there would need a local-compute MoE path)
+# the first two meshes of each list also check a checkpoint saved on one and restored on the other
 MESHES_JAX = {"dense": ["fsdp=8", "fsdp=2,tp=4"], "moe": ["fsdp=8", "fsdp=2,tp=4", "fsdp=2,tp=2,ep=2"],
-              "next": ["fsdp=8", "fsdp=2,tp=2,ep=2"]}
-MESHES_TORCH = {"dense": ["fsdp=4", "fsdp=2,tp=2"], "moe": ["fsdp=4", "fsdp=2,ep=2"], "next": ["fsdp=4", "fsdp=2,ep=2"]}
+              "next": ["fsdp=8", "fsdp=2,tp=4", "fsdp=2,tp=2,ep=2"]}
+MESHES_TORCH = {"dense": ["fsdp=4", "fsdp=2,tp=2"], "moe": ["fsdp=4", "fsdp=2,tp=2", "fsdp=2,ep=2"],
+                "next": ["fsdp=4", "fsdp=2,tp=2", "fsdp=2,ep=2"]}
 
 
 def tiny_cfg(model):

@@ -1,5 +1,6 @@
 """train.py --backend torch on a shard.py mesh under torchrun (4 gloo processes on CPU) == one process: the losses
-of the --metrics file on fsdp=4 and fsdp=2,tp=2 (with gradient accumulation and eval), Qwen3-MoE on fsdp=2,ep=2,
+of the --metrics file on fsdp=4 and fsdp=2,tp=2 (with gradient accumulation and eval), Qwen3-MoE on fsdp=2,ep=2 and
+Qwen3-Next on tp=2,ep=2,
 checkpoints moved between meshes (fsdp=4 -> one process, one process -> fsdp=2,tp=2), and the one-line error
 without torchrun. Every run is a few steps of a debug-size model (3 torchrun jobs, about a minute on 2 cores)."""
 import json
@@ -106,13 +107,14 @@ def test_fsdp2_tp2_resumed_from_one_process(dense_ref, work):
     _close(recs, ref[1:], "eval_loss")
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "qwen3_next"])
-def test_moe_fsdp2_ep2(work, name):
-    """MoE models with experts over ep (tokens sent to them by all-to-all): CE, router aux loss (its statistics summed
-    over the batch shards first), Qwen3-Next's MTP loss and the total loss as in one process."""
+@pytest.mark.parametrize("name,mesh", [("qwen3_moe", "fsdp=2,ep=2"), ("qwen3_next", "tp=2,ep=2")])
+def test_moe_on_mesh(work, name, mesh):
+    """MoE models with experts over ep (tokens sent to them by all-to-all), with tp (each rank runs its columns of
+    the experts, vocabulary-parallel CE): CE, router aux loss (its statistics summed over the batch shards first),
+    Qwen3-Next's MTP loss and the total loss as in one process."""
     kw = dict(COMMON, model=name, steps=2, eval_every=0)
     ref = one_process(kw, work / f"{name}_ref.jsonl")
-    recs = torchrun(4, dict(kw, mesh="fsdp=2,ep=2"), work / f"{name}.jsonl")
+    recs = torchrun(4, dict(kw, mesh=mesh), work / f"{name}.jsonl")
     for key in ("ce", "router_aux_loss", "loss", "grad_norm") + (("mtp_loss",) if "mtp_loss" in ref[0] else ()):
         _close(recs, ref, key)
 
