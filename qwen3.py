@@ -193,12 +193,14 @@ class _Torch:
         n = next(iter(_leaves(xs))).shape[0]
         ys = []
         for i in range(n):
-            x = _tree_map(lambda a: a[i], xs)
+            # layer i's slice is taken inside the checkpoint, so whatever taking it costs (an FSDP all-gather of
+            # the layer's weights) is redone in the backward instead of kept
+            fi = lambda h, i=i: f(h, _tree_map(lambda a: a[i], xs))  # noqa: E731
             if remat:
                 import torch.utils.checkpoint as ckpt
-                h, y = ckpt.checkpoint(f, h, x, use_reentrant=False)
+                h, y = ckpt.checkpoint(fi, h, use_reentrant=False)
             else:
-                h, y = f(h, x)
+                h, y = fi(h)
             ys.append(y)
         # ys hold views of the cache updated in place; restack only what is not a cache view
         return h, ys

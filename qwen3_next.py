@@ -350,12 +350,12 @@ class _Torch:
         n = next(iter(_leaves(xs))).shape[0]
         ys = []
         for i in range(n):
-            x = _tree_map(lambda a: a[i], xs)
+            fi = lambda h, i=i: f(h, _tree_map(lambda a: a[i], xs))  # noqa: E731  (slice inside the checkpoint)
             if remat:
                 import torch.utils.checkpoint as ckpt
-                h, y = ckpt.checkpoint(f, h, x, use_reentrant=False)
+                h, y = ckpt.checkpoint(fi, h, use_reentrant=False)
             else:
-                h, y = f(h, x)
+                h, y = fi(h)
             ys.append(y)
         return h, _tree_map_n(lambda *a: self.torch.stack(a), ys)
 

@@ -608,13 +608,18 @@ def batch_from_local(x, mesh, axes=("batch", "seq")):
 
 
 def compute_context(x=None):
-    """The context the torch forward and backward run in when tensor parallelism is on: plain tensors made inside
-    the model (positions, masks, RoPE tables) are treated as replicated over tp. A null context otherwise."""
+    """The context the torch forward and backward run in on a mesh: plain tensors made inside the model (positions,
+    masks, RoPE tables) are treated as replicated over tp, and the autograd graph keeps a recipe in place of each
+    per-layer gathered weight (compute_params(layers=...)). A null context for plain (unsharded) params."""
+    import torch
     from torch.distributed.tensor import DTensor
     if x is not None and not isinstance(x, DTensor) and not _any_dtensor(x):
         return contextlib.nullcontext()
     from torch.distributed.tensor.experimental import implicit_replication
-    return implicit_replication()
+    stack = contextlib.ExitStack()
+    stack.enter_context(implicit_replication())
+    stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_REGATHER.pack, _REGATHER.unpack))
+    return stack
 
 
 def _any_dtensor(tree):
@@ -627,7 +632,7 @@ def _any_dtensor(tree):
 BATCH_AXES = ("data", "fsdp", "ep")
 
 
-def compute_params(params, mesh, experts_local=False):
+def compute_params(params, mesh, experts_local=False, layers=()):
     """Stored DTensor params -> what the torch forward computes with, FSDP2-style: every mesh axis the batch is
     split over (data, fsdp, ep) is all-gathered, and its gradient comes back as a partial sum that the backward
     reduce-scatters onto the stored shards (all-reduce for data). Weights sharded over tp stay sharded: they become
@@ -635,8 +640,13 @@ def compute_params(params, mesh, experts_local=False):
     all-reduces; without tp they are plain tensors and the forward runs at single-device speed.
     experts_local: expert weights split over ep (w_gate/w_up/w_down) keep only this rank's experts, for moe_dispatch's
     all-to-all expert parallelism (their gradients then arrive whole for those experts from the ep group).
+    layers: flat names of the leaves with a leading layer axis (stacked_names(model, cfg)). Those are gathered one
+    layer at a time, when the model's layer loop takes layer i's slice, and are not kept: under compute_context the
+    autograd graph saves a recipe for them instead of the gathered tensor, and the backward gathers the layer
+    again (with remat the checkpoint recomputes the slice). So a rank holds the whole of one layer at a time, plus
+    the embedding, final norm and head, as FSDP2 with reshard_after_forward does. Other leaves are gathered here.
     Call inside the training step (differentiable); run forward and backward under compute_context(params)."""
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+    from torch.distributed.tensor import DTensor
     names = list(mesh.mesh_dim_names)
     tp = names.index("tp") if "tp" in names else None
     out = {}
@@ -645,13 +655,166 @@ def compute_params(params, mesh, experts_local=False):
             out[n] = p
             continue
         expert = experts_local and n.rsplit(".", 1)[-1] in EXPERT_AXES  # the routed experts' SwiGLU weights
-        keep = lambda i, pl: i == tp or (expert and names[i] == "ep" and isinstance(pl, Shard))  # noqa: E731
-        gather = [pl if keep(i, pl) else Replicate() for i, pl in enumerate(p.placements)]
-        grad = [pl if keep(i, pl) else Partial() if names[i] in BATCH_AXES else Replicate()
-                for i, pl in enumerate(gather)]
-        local = p.redistribute(p.device_mesh, gather).to_local(grad_placements=grad)
-        out[n] = local if tp is None else DTensor.from_local(local, mesh["tp"], [gather[tp]], run_check=False)
+        if n in layers:
+            out[n] = _LayerStack(p, mesh, tp, expert)
+        else:
+            out[n] = _gather(p, None, p.placements, p.shape, mesh, tp, expert)[0]
     return _unflatten(out)
+
+
+def stacked_names(model, cfg):
+    """Flat names of a model's leaves with a leading layer axis (compute_params(layers=...))."""
+    return frozenset(n for n, p in model.param_table(cfg).items() if p.axes and p.axes[0] == "layers")
+
+
+def _gather(p, local, pls, shape, mesh, tp, expert):
+    """A stored DTensor p, or one layer's block `local` of it (placements pls, global shape), -> the tensor to compute
+    with (see compute_params), and whether that took communication."""
+    import torch
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+    names = list(mesh.mesh_dim_names)
+    keep = lambda i, pl: i == tp or (expert and names[i] == "ep" and isinstance(pl, Shard))  # noqa: E731
+    gather = [pl if keep(i, pl) else Replicate() for i, pl in enumerate(pls)]
+    grad = [pl if keep(i, pl) else Partial() if names[i] in BATCH_AXES else Replicate()
+            for i, pl in enumerate(gather)]
+    x = p if local is None else DTensor.from_local(local, mesh, pls, shape=torch.Size(shape),
+                                                    stride=_contiguous_stride(shape), run_check=False)
+    full = x.redistribute(mesh, gather).to_local(grad_placements=grad)
+    out = full if tp is None else DTensor.from_local(full, mesh["tp"], [gather[tp]], run_check=False)
+    return out, list(gather) != list(pls)
+
+
+def _contiguous_stride(shape):
+    st, acc = [], 1
+    for d in reversed(tuple(shape)):
+        st.append(acc)
+        acc *= d
+    return tuple(reversed(st))
+
+
+class _LayerStack:
+    """A stored stacked DTensor leaf [L, ...] seen by the model's layer loop: `.shape`, `reshape` of the leading layer
+    axis (Qwen3-Next's blocks) and integer indexing, which gathers that one layer (compute_params). The stored local
+    shard is unbound once, so the layers' gradients are stacked back in one node."""
+
+    def __init__(self, p, mesh, tp, expert, lead=None, offset=0, cell=None, cast=None):
+        self.p, self.mesh, self.tp, self.expert, self.cast = p, mesh, tp, expert, cast
+        self.lead = tuple(lead or p.shape[:1])
+        self.offset, self.cell = offset, cell if cell is not None else [None]  # the unbound shards, shared
+        self.shape = self.lead + tuple(p.shape[1:])
+        self.dtype, self.ndim = cast or p.dtype, len(self.shape)
+
+    def _like(self, lead, offset, cast):
+        return _LayerStack(self.p, self.mesh, self.tp, self.expert, lead, offset, self.cell, cast)
+
+    def to(self, dtype):
+        """Mixed precision: each layer is cast once gathered (so its gradient is reduced in float32)."""
+        return self if dtype == self.dtype else self._like(self.lead, self.offset, dtype)
+
+    def reshape(self, *shape):
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
+        k = len(shape) - (self.ndim - len(self.lead))
+        if k < 1 or tuple(shape[k:]) != self.shape[len(self.lead):] or math.prod(shape[:k]) != math.prod(self.lead):
+            raise NotImplementedError(f"a stacked layer leaf {self.shape} reshaped to {shape}: only the layer axis "
+                                      "may be split")
+        return self._like(shape[:k], self.offset, self.cast)
+
+    def __len__(self):
+        return self.lead[0]
+
+    def __getitem__(self, i):
+        if not isinstance(i, int):
+            raise NotImplementedError("a stacked layer leaf takes integer indices only")
+        i = range(self.lead[0])[i]
+        step = math.prod(self.lead[1:])
+        if len(self.lead) > 1:
+            return self._like(self.lead[1:], self.offset + i * step, self.cast)
+        from torch.distributed.tensor import Shard
+        layer = self.offset + i
+        pls = [Shard(pl.dim - 1) if isinstance(pl, Shard) else pl for pl in self.p.placements]
+        shard, cast = self._units()[layer], self.cast or self.p.dtype
+        out, moved = _gather(None, shard, pls, self.p.shape[1:], self.mesh, self.tp, self.expert)
+        out = out.to(cast)  # after the gather: the gradients are reduced in float32
+        if moved:
+            sd = shard.detach()
+            _REGATHER.register(out, lambda: _gather(None, sd, pls, self.p.shape[1:], self.mesh, self.tp,
+                                                   self.expert)[0].to(cast))
+        return out
+
+    def _units(self):
+        if self.cell[0] is None:  # differentiable: the layers' gradients come back here as one stack
+            self.cell[0] = self.p.to_local().unbind(0)
+        return self.cell[0]
+
+
+class _Regather:
+    """The gathered layer weights alive now, by storage, with the recipe that gathers each again; the saved-tensor
+    hooks of compute_context save the recipe in the autograd graph instead of the tensor. Also counts the bytes of
+    gathered layer weights alive at once (peak), which the tests read."""
+
+    def __init__(self):
+        import weakref
+        self.weakref, self.live, self.bytes, self.peak = weakref, {}, 0, 0
+
+    def reset_peak(self):
+        self.peak = self.bytes
+
+    def _base(self, t):
+        return getattr(t, "_local_tensor", t)
+
+    def register(self, t, fn):
+        base = self._base(t)
+        key, nbytes = base.untyped_storage().data_ptr(), base.untyped_storage().nbytes()
+        self.live[key] = (self.weakref.ref(base), fn)
+        self.bytes += nbytes
+        self.peak = max(self.peak, self.bytes)
+        self.weakref.finalize(base, self._gone, key, nbytes)
+
+    def _gone(self, key, nbytes):
+        self.bytes -= nbytes
+        ent = self.live.get(key)
+        if ent is not None and ent[0]() is None:
+            del self.live[key]
+
+    def pack(self, t):
+        import torch
+        base = self._base(t)
+        if not isinstance(base, torch.Tensor) or base.layout != torch.strided:
+            return t
+        ent = self.live.get(base.untyped_storage().data_ptr()) if base.untyped_storage().nbytes() else None
+        if ent is None or ent[0]() is None:
+            return t
+        meta = (tuple(base.shape), base.stride(), base.storage_offset())
+        spec = (t.device_mesh, t.placements, tuple(t.shape), t.stride()) if base is not t else None
+        return ("regather", ent[1], meta, spec)
+
+    def unpack(self, saved):
+        if not (isinstance(saved, tuple) and len(saved) == 4 and saved[0] == "regather"):
+            return saved
+        import torch
+        from torch.distributed.tensor import DTensor
+        _, fn, (shape, stride, offset), spec = saved
+        with torch.no_grad():
+            whole = self._base(fn())
+            self.bytes += whole.untyped_storage().nbytes()  # counted while alive, as in the forward
+            self.peak = max(self.peak, self.bytes)
+            self.weakref.finalize(whole, self._gone, None, whole.untyped_storage().nbytes())
+            view = whole.as_strided(shape, stride, offset)
+            if spec is None:
+                return view
+            mesh, pls, gshape, gstride = spec
+            return DTensor.from_local(view, mesh, pls, shape=torch.Size(gshape), stride=gstride, run_check=False)
+
+
+_REGATHER = _Regather()
+
+
+def gathered_peak(reset=False):
+    """Bytes of per-layer gathered weights alive at once since the last reset (compute_params(layers=...))."""
+    peak = _REGATHER.peak
+    if reset:
+        _REGATHER.reset_peak()
+    return peak
 
 
 def _moe_dispatch_torch(mesh):

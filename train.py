@@ -1001,8 +1001,8 @@ class TorchMeshTrainer(TorchTrainer):
     """The torch trainer on a shard.py DeviceMesh, one process per device under torchrun. Params and AdamW state are
     DTensors laid out by shard.RULES (each rank stores its shards; the optimizer updates them locally). Every rank
     builds the same global batch and takes its rows (shard.local_batch); the step computes with
-    shard.compute_params (the batch axes all-gathered, gradients reduce-scattered back onto the shards, tp through
-    DTensor), and each rank's loss is its rows' summed CE over the global batch's token count, so the gradients
+    shard.compute_params (the batch axes all-gathered one layer at a time, in the forward and again in the backward,
+    gradients reduce-scattered back onto the shards, tp through DTensor), and each rank's loss is its rows' summed CE over the global batch's token count, so the gradients
     add up to the one-process ones. The router aux loss is that of the whole micro-batch: its routing statistics are
     summed over the processes (differentiably) before the product, as on one device. MoE layers on ep > 1 keep
     each rank's experts and send tokens to them by all-to-all (shard.moe_dispatch)."""
@@ -1044,6 +1044,7 @@ class TorchMeshTrainer(TorchTrainer):
         except ValueError as e:
             raise convert.UserError(f"mesh {shard.mesh_str(sizes)}: {e}") from None
         self.experts_local = "moe_dispatch" in self.kernels
+        self.layers = shard.stacked_names(model, cfg)  # gathered one layer at a time in forward and backward
 
     def _rows(self, x):
         """This rank's rows of a [B, T] (or [n, B, T]) global batch."""
@@ -1066,7 +1067,7 @@ class TorchMeshTrainer(TorchTrainer):
         for i in range(self.a.accum):
             mb = {k: self._rows(v[i]) for k, v in batch.items()}
             with shard.compute_context(self.params):
-                cp = shard.compute_params(self.params, self.mesh, self.experts_local)
+                cp = shard.compute_params(self.params, self.mesh, self.experts_local, self.layers)
                 loss, (metrics, c) = self.loss_fn(cp, self.extra, mb, n, shards=self.n_shards, aux_sum=_all_sum_grad)
                 loss = _plain(loss)
                 loss.backward()
@@ -1124,7 +1125,7 @@ class TorchMeshTrainer(TorchTrainer):
         torch, shard = self.torch, self.shard
         with torch.no_grad(), shard.compute_context(self.params):
             dt = getattr(torch, self.a.dtype)
-            cp = shard.compute_params(self.params, self.mesh, self.experts_local)
+            cp = shard.compute_params(self.params, self.mesh, self.experts_local, self.layers)
             p = {k: v.to(dt) for k, v in _flatten(cp).items()}
             s, n = _eval_sums(self.model, self.cfg, self.a, self.kernels, self.model.unflatten(p), self.extra,
                               {k: self._rows(torch.as_tensor(v).long().to(self.device)) for k, v in batch.items()},

@@ -23,6 +23,22 @@ from shard_cfg import tiny_cfg  # noqa: E402
 STEPS = 5
 
 
+def _gathered_sizes(params, mesh, experts_local, layers):
+    """Bytes this rank computes with for the stacked leaves that need a gather (their computed block is larger
+    than the stored one): all layers at once ("total") and one layer of each ("one_layer", a layer of every
+    stacked group, e.g. Qwen3-Next's linear and full layers together: an upper bound for one layer)."""
+    with torch.no_grad():
+        cp = shard._flatten(shard.compute_params(params, mesh, experts_local))
+    total = one = 0
+    for n, p in shard._flatten(params).items():
+        c = cp[n]
+        c = c.to_local() if shard._any_dtensor(c) else c
+        if n in layers and c.numel() > p.to_local().numel():
+            total += c.numel() * c.element_size()
+            one += c.numel() * c.element_size() // c.shape[0]
+    return {"total": total, "one_layer": one}
+
+
 def main(name, out_path, specs):
     rank, world, device = shard.init_torch_distributed()
     model = importlib.import_module(name)
@@ -44,15 +60,19 @@ def main(name, out_path, specs):
         nb = 1 if mesh is None else shard.batch_shards(mesh)[1]
         kernels = shard.mesh_kernels(mesh, model, cfg)  # MoE on ep > 1: all-to-all expert parallelism
         local_experts = "moe_dispatch" in kernels
-        losses, grads0 = [], None
+        losses, grads0, gathered = [], None, {}
+        layers = shard.stacked_names(model, cfg)  # gathered one layer at a time (FSDP2-style)
         for i in range(STEPS):
+            shard.gathered_peak(reset=True)
             with shard.compute_context(params):
-                cp = params if mesh is None else shard.compute_params(params, mesh, local_experts)
+                cp = params if mesh is None else shard.compute_params(params, mesh, local_experts, layers=layers)
                 loss = loss_fn(cp, local, kernels)
                 loss = loss.to_local() if shard._any_dtensor(loss) else loss
                 grads = torch.autograd.grad(loss / nb, list(flat.values()), allow_unused=True)
                 grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, flat.values())]  # MTP
             losses.append(loss.item() if mesh is None else shard.batch_mean(loss, mesh))
+            if i == 0 and mesh is not None:
+                gathered = {"peak": shard.gathered_peak(), **_gathered_sizes(params, mesh, local_experts, layers)}
             if i == 0:
                 grads0 = {n: (g.full_tensor() if shard._any_dtensor(g) else g).numpy().astype(np.float64)
                           for n, g in zip(flat, grads)}
@@ -62,7 +82,7 @@ def main(name, out_path, specs):
                 p.grad = g
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return losses, grads0, params, (placements_ok if mesh is not None else []), local_experts
+        return losses, grads0, params, (placements_ok if mesh is not None else []), local_experts, gathered
 
     def eval_loss(params, mesh):
         with torch.no_grad(), shard.compute_context(params):
@@ -73,7 +93,7 @@ def main(name, out_path, specs):
 
     ref = model.init(cfg, backend="torch", seed=0)
     ref_init = {n: v.clone() for n, v in shard._flatten(ref).items()}
-    r_losses, r_grads, _, _, _ = train(ref, None)
+    r_losses, r_grads, _, _, _, _ = train(ref, None)
     res = {"ref_losses": r_losses, "meshes": {}}
     finals = {}
     for spec in specs:
@@ -83,11 +103,11 @@ def main(name, out_path, specs):
         lay = shard.layout(model, cfg, mesh)
         shards = {n: {"global": list(v.shape), "local": list(v.to_local().shape), "rules": list(lay[n][2])}
                   for n, v in shard._flatten(params).items()}
-        losses, grads, params, bad_pl, dispatch = train(params, mesh)
+        losses, grads, params, bad_pl, dispatch, gathered = train(params, mesh)
         finals[spec] = (mesh, params)
         res["meshes"][spec] = {
             "init_max_diff": init_diff, "losses": losses, "moe_dispatch": dispatch, "grad_placement_mismatch": bad_pl,
-            "shards": shards,
+            "shards": shards, "gathered": gathered,
             "grad_rel": {n: float(np.abs(g - r_grads[n]).max() / max(np.abs(r_grads[n]).max(), 1e-30))
                          for n, g in grads.items()}}
     (m1, p1), (m2, _) = finals[specs[0]], finals[specs[1]]

@@ -187,10 +187,14 @@ def torch_results(tmp_path_factory):
 @pytest.mark.parametrize("name", MODELS)
 def test_torch_sharded_equals_single_process(name, torch_results):
     """fsdp=4, fsdp=2,tp=2 (and fsdp=2,ep=2 for MoE) on 4 gloo processes: init, loss, gradients (DTensors placed like
-    their params) and 5 AdamW steps as in one process; each rank's shard as the rules say; a DCP checkpoint saved on
-    the first mesh loads onto the second with the same loss."""
+    their params) and 5 AdamW steps as in one process; each rank's shard as the rules say; the layers' weights are
+    gathered one layer at a time (the bytes of gathered layer weights alive at once, forward and backward, are at
+    most one layer's); a DCP checkpoint saved on the first mesh loads onto the second with the same loss."""
     res = torch_results(name)
     _check(res, "local")
+    for spec, m in res["meshes"].items():  # layers gathered one at a time: never the whole model on a rank
+        g = m["gathered"]
+        assert 0 < g["peak"] <= g["one_layer"] < g["total"], (spec, g)
     for spec, m in res["meshes"].items():  # MoE on ep meshes: tokens travel to their experts by all-to-all; on tp
         # meshes each rank runs its columns of the experts (the same hook)
         assert m["moe_dispatch"] == (("ep=2" in spec or "tp=2" in spec) and kind(_model(name)) != "dense"), spec
