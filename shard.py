@@ -17,7 +17,9 @@ JAX: `make_mesh`, `param_shardings`, `init_params` (sharded init inside jit: a m
 whole anywhere), `tree_shardings` (optimizer states), `batch_sharding`, `constrain` / `constrainer` for activations,
 `abstract_params` (Orbax restore target on any mesh), `init_distributed` (multi-host).
 torch: `torch_mesh`, `placements`, `init_params_torch` (each rank keeps only its shards), `distribute_params`,
-`shard_batch`, `compute_context` (DTensor ops mixing plain tensors), `empty_params_torch` (DCP load target).
+`shard_batch`, `compute_params` (what the step computes with; `layers=stacked_names(model, cfg)` gathers one layer
+at a time), `compute_context` (DTensor ops mixing plain tensors; the per-layer regather hooks), `gathered_peak`,
+`empty_params_torch` (DCP load target).
 Imports only numpy here; jax and torch are imported lazily.
 """
 import contextlib
