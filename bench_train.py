@@ -29,6 +29,8 @@ CONFIGS = {  # name -> (who, backend, dtype, --remat)
     "torch-fp32-remat": ("ours", "torch", "float32", "block"),
     "jax-bf16": ("ours", "jax", "bfloat16", "none"),
     "torch-bf16": ("ours", "torch", "bfloat16", "none"),
+    "jax-bf16-remat": ("ours", "jax", "bfloat16", "block"),
+    "torch-bf16-remat": ("ours", "torch", "bfloat16", "block"),
 }
 
 

@@ -441,7 +441,8 @@ def forward_hidden(params, tokens, cfg, cache=None, *, positions=None, segment_i
     B, T = tokens.shape
     emb = params["embed"]
     constrain = kernels.get("constrain", lambda x, axes: x)  # activation shardings on a shard.py mesh
-    h = constrain(emb[tokens], ("batch", "seq", "embed"))
+    lookup = kernels.get("embed", lambda table, ids: table[ids])  # train.py's in-place gradient for a tied table
+    h = constrain(lookup(emb, tokens), ("batch", "seq", "embed"))
     start = cache["len"] if cache is not None else 0
     t_idx = xp.arange(T, like=tokens) + start
     if positions is None:

@@ -960,7 +960,8 @@ def forward_hidden(params, tokens, cfg, cache=None, *, positions=None, segment_i
     B, T = tokens.shape
     emb = params["embed"]
     constrain = kernels.get("constrain", lambda x, axes: x)  # activation shardings on a shard.py mesh
-    h = constrain(emb[tokens], ("batch", "seq", "embed"))
+    lookup = kernels.get("embed", lambda table, ids: table[ids])  # train.py's in-place gradient for a tied table
+    h = constrain(lookup(emb, tokens), ("batch", "seq", "embed"))
     ctx = _context(tokens, cfg, cache, positions, segment_ids, emb.dtype)
     pattern, n_blocks = block_pattern(cfg)
     blk = lambda a: a.reshape((n_blocks, a.shape[0] // n_blocks) + tuple(a.shape[1:]))

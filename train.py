@@ -257,16 +257,27 @@ class _CETorch:
                     tied = not w.is_contiguous() and w.T.is_contiguous()
                     acc = torch.zeros(w.T.shape if tied else w.shape, dtype=torch.float32, device=w.device) \
                         if want else None
+                    bufs = _ce_buffers(min(chunk, h.shape[0]), w.shape[1], h.dtype, h.device)
+                    low = h.dtype != torch.float32
+                    if want and low:  # a low-precision chunk's dw: one GEMM in h's dtype, added in fp32 by tiles
+                        part = torch.empty(acc.shape, dtype=h.dtype, device=h.device)
+                        scratch = torch.empty((min(4096, acc.shape[0]),) + acc.shape[1:], dtype=torch.float32,
+                                              device=h.device)
                     for s in range(0, h.shape[0], chunk):
                         hx, lx = h[s:s + chunk], labels[s:s + chunk]
-                        loss, g = _ce_chunk_torch(hx, w, lx, want)
+                        loss, g = _ce_chunk_torch(hx, w, lx, want, bufs)
                         total += loss.sum()
-                        if want:
-                            dh[s:s + chunk] = g @ w.T
-                            if hx.dtype == torch.float32:
-                                acc.addmm_(g.T, hx) if tied else acc.addmm_(hx.T, g)
-                            else:
-                                acc += (g.T @ hx).float() if tied else (hx.T @ g).float()
+                        if not want:
+                            continue
+                        torch.mm(g, w.T, out=dh[s:s + chunk])
+                        if not low:
+                            acc.addmm_(g.T, hx) if tied else acc.addmm_(hx.T, g)
+                            continue
+                        torch.mm(g.T, hx, out=part) if tied else torch.mm(hx.T, g, out=part)
+                        for r in range(0, acc.shape[0], scratch.shape[0]):
+                            n = min(scratch.shape[0], acc.shape[0] - r)
+                            scratch[:n].copy_(part[r:r + n])
+                            acc[r:r + n].add_(scratch[:n])
                     if want:
                         acc = acc.to(w.dtype)
                         ctx.save_for_backward(dh, acc.T if tied else acc)
@@ -281,19 +292,40 @@ class _CETorch:
         return cls.fn
 
 
-def _ce_chunk_torch(hx, w, lx, want_grad):
+def _ce_buffers(chunk, vocab, dtype, device):
+    """The [chunk, V] work buffers of the torch CE, allocated once per call and reused by every chunk (a fresh
+    buffer per chunk costs its page faults each time): the logits in the compute dtype (also the gradient's
+    buffer in low precision) and their float32 working copy (the same buffer in float32)."""
     import torch
-    logits = (hx @ w).float()
+    raw = torch.empty(chunk, vocab, dtype=dtype, device=device)
+    return {"raw": raw, "f32": raw if dtype == torch.float32 else torch.empty(chunk, vocab, device=device)}
+
+
+def _ce_chunk_torch(hx, w, lx, want_grad, bufs=None):
+    """(losses [c], d loss_sum / d logits [c, V] in hx's dtype, or None) of one chunk. The float32 logits are
+    worked on in one buffer, in place: shifted by the row max, exponentiated, summed, then scaled into the softmax;
+    exp runs once, and the only dtype conversions are copies (fast), never mixed-dtype arithmetic (slow on CPU)."""
+    import torch
+    n = hx.shape[0]
+    bufs = bufs or _ce_buffers(n, w.shape[1], hx.dtype, hx.device)
+    raw, x = bufs["raw"][:n], bufs["f32"][:n]
+    torch.mm(hx, w, out=raw)
+    if x.data_ptr() != raw.data_ptr():
+        x.copy_(raw)
+    m = x.amax(-1, keepdim=True)
+    x.sub_(m)
     valid = lx != IGNORE
-    tgt = torch.where(valid, lx, 0).long()
-    lse = torch.logsumexp(logits, -1)
-    loss = torch.where(valid, lse - logits.gather(-1, tgt[:, None])[:, 0], 0.0)
+    tgt = torch.where(valid, lx, 0).long()[:, None]
+    picked = x.gather(-1, tgt)[:, 0]
+    s = x.exp_().sum(-1)
+    loss = torch.where(valid, s.log() - picked, 0.0)
     if not want_grad:
         return loss, None
-    g = torch.exp_(logits.sub_(lse[:, None]))
-    g.scatter_add_(-1, tgt[:, None], torch.full_like(lse[:, None], -1.0))
-    g.mul_(valid[:, None])
-    return loss, g.to(hx.dtype)
+    x.mul_((valid / s)[:, None])  # the softmax on counted rows, 0 on ignored ones
+    x.scatter_add_(-1, tgt, -valid[:, None].to(x.dtype))
+    if x.data_ptr() != raw.data_ptr():
+        raw.copy_(x)
+    return loss, raw
 
 
 def token_losses(h, w, labels, chunk=None):
@@ -677,20 +709,36 @@ class JaxTrainer:
         self._step = jax.jit(self._train_step, donate_argnums=(0, 1, 2))
         self._eval = jax.jit(self._eval_step)
 
-    def loss_fn(self, params, extra, mb, n_tokens):
+    def loss_fn(self, params, extra, mb, n_tokens, probe=None):
         """(loss, (ce_sum, aux metrics, expert counts)) for one micro-batch; loss is this micro-batch's share
-        of the global batch's mean, so summing the gradients of all micro-batches gives the global gradient."""
-        jnp = self.jnp
-        p = self.jax.tree.map(lambda x: x.astype(self.a.dtype), params)
-        return _loss(self.model, self.cfg, self.a, self.kernels, p, extra, mb, n_tokens,
+        of the global batch's mean, so summing the gradients of all micro-batches gives the global gradient.
+        probe [B, T, E] (zeros): the embedding lookup becomes stop_gradient(table)[tokens] + probe, so the
+        lookup's gradient comes out as the probe's and _grads scatters it into the head's gradient in place."""
+        jax = self.jax
+        p = jax.tree.map(lambda x: x.astype(self.a.dtype), params)
+        kernels = self.kernels
+        if probe is not None:
+            kernels = {**kernels, "embed": lambda t, ids: jax.lax.stop_gradient(t)[ids] + probe.astype(t.dtype)}
+        return _loss(self.model, self.cfg, self.a, kernels, p, extra, mb, n_tokens,
                      ce=self.kernels.get("cross_entropy", cross_entropy_ref_jax),
                      remat_all=self.jax.checkpoint if self.a.remat == "full" else None)
+
+    def _grads(self, params, extra, mb, n):
+        """((loss, aux), gradients) of loss_fn. For a tied table the lookup's gradient is the probe's, added to
+        the head's [V, E] gradient by a scatter that XLA does in place (a dense lookup gradient is a second [V, E]
+        buffer: 311 MB at Qwen3's vocabulary and E = 512)."""
+        jax, jnp = self.jax, self.jnp
+        if not getattr(self.cfg, "tie_word_embeddings", False):
+            return jax.value_and_grad(self.loss_fn, has_aux=True)(params, extra, mb, n)
+        probe = jnp.zeros(mb["tokens"].shape + (params["embed"].shape[1],), jnp.float32)
+        out, (g, gp) = jax.value_and_grad(self.loss_fn, argnums=(0, 4), has_aux=True)(params, extra, mb, n, probe)
+        return out, {**g, "embed": g["embed"].at[mb["tokens"]].add(gp.astype(g["embed"].dtype))}
 
     def _train_step(self, params, opt_state, extra, batch):
         jax, jnp, optax = self.jax, self.jnp, self.optax
         n_tokens = jnp.maximum((batch["labels"] != IGNORE).sum(), 1)
         n_mtp = jnp.maximum((batch["labels"][..., 1:] != IGNORE).sum(), 1)
-        grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
+        grad_fn = self._grads
 
         def micro(g_acc, mb):
             (loss, (metrics, counts)), g = grad_fn(params, extra, mb, (n_tokens, n_mtp))
@@ -739,7 +787,7 @@ class JaxTrainer:
         jax, jnp = self.jax, self.jnp
         mb = {k: jnp.asarray(v) for k, v in mb.items()}
         n = (jnp.maximum((mb["labels"] != IGNORE).sum(), 1), jnp.maximum((mb["labels"][:, 1:] != IGNORE).sum(), 1))
-        (loss, (metrics, _)), g = jax.value_and_grad(self.loss_fn, has_aux=True)(self.params, self.extra, mb, n)
+        (loss, (metrics, _)), g = self._grads(self.params, self.extra, mb, n)
         return float(loss), {k: float(v) for k, v in metrics.items()}, {k: np.asarray(v) for k, v in _flatten(g).items()}
 
     def evaluate(self, batch):
@@ -887,6 +935,8 @@ class TorchTrainer:
         self.opt = torch.optim.AdamW(groups, lr=a.lr, betas=(a.beta1, a.beta2), eps=a.eps, fused=True)
         self.extra = _init_extra(model, cfg, a, "torch")
         self.n_updates = 0
+        if getattr(cfg, "tie_word_embeddings", False) and not a.compile:
+            self.kernels = {**kernels, "embed": _sparse_lookup}
         self._loss = self.loss_fn
         if a.compile:
             self._loss = torch.compile(self.loss_fn)
@@ -982,6 +1032,14 @@ class TorchTrainer:
             dcp.load(sd, checkpoint_id=os.path.join(folder, "optimizer"), no_dist=True)
         self.opt.load_state_dict(sd["optimizer"])
         self.extra = sd["extra"]
+
+
+def _sparse_lookup(table, ids):
+    """The embedding lookup of a tied table with a sparse gradient (rows ids, values d h): autograd adds it in place
+    onto the head's dense [V, E] gradient of the same table, where a dense lookup gradient would be a second [V, E]
+    buffer summed into the first."""
+    import torch.nn.functional as F
+    return F.embedding(ids, table, sparse=True)
 
 
 def _all_sum_grad(t):
