@@ -709,36 +709,19 @@ class JaxTrainer:
         self._step = jax.jit(self._train_step, donate_argnums=(0, 1, 2))
         self._eval = jax.jit(self._eval_step)
 
-    def loss_fn(self, params, extra, mb, n_tokens, probe=None):
+    def loss_fn(self, params, extra, mb, n_tokens):
         """(loss, (ce_sum, aux metrics, expert counts)) for one micro-batch; loss is this micro-batch's share
-        of the global batch's mean, so summing the gradients of all micro-batches gives the global gradient.
-        probe [B, T, E] (zeros): the embedding lookup becomes stop_gradient(table)[tokens] + probe, so the
-        lookup's gradient comes out as the probe's and _grads scatters it into the head's gradient in place."""
-        jax = self.jax
-        p = jax.tree.map(lambda x: x.astype(self.a.dtype), params)
-        kernels = self.kernels
-        if probe is not None:
-            kernels = {**kernels, "embed": lambda t, ids: jax.lax.stop_gradient(t)[ids] + probe.astype(t.dtype)}
-        return _loss(self.model, self.cfg, self.a, kernels, p, extra, mb, n_tokens,
+        of the global batch's mean, so summing the gradients of all micro-batches gives the global gradient."""
+        p = self.jax.tree.map(lambda x: x.astype(self.a.dtype), params)
+        return _loss(self.model, self.cfg, self.a, self.kernels, p, extra, mb, n_tokens,
                      ce=self.kernels.get("cross_entropy", cross_entropy_ref_jax),
                      remat_all=self.jax.checkpoint if self.a.remat == "full" else None)
-
-    def _grads(self, params, extra, mb, n):
-        """((loss, aux), gradients) of loss_fn. For a tied table the lookup's gradient is the probe's, added to
-        the head's [V, E] gradient by a scatter that XLA does in place (a dense lookup gradient is a second [V, E]
-        buffer: 311 MB at Qwen3's vocabulary and E = 512)."""
-        jax, jnp = self.jax, self.jnp
-        if not getattr(self.cfg, "tie_word_embeddings", False):
-            return jax.value_and_grad(self.loss_fn, has_aux=True)(params, extra, mb, n)
-        probe = jnp.zeros(mb["tokens"].shape + (params["embed"].shape[1],), jnp.float32)
-        out, (g, gp) = jax.value_and_grad(self.loss_fn, argnums=(0, 4), has_aux=True)(params, extra, mb, n, probe)
-        return out, {**g, "embed": g["embed"].at[mb["tokens"]].add(gp.astype(g["embed"].dtype))}
 
     def _train_step(self, params, opt_state, extra, batch):
         jax, jnp, optax = self.jax, self.jnp, self.optax
         n_tokens = jnp.maximum((batch["labels"] != IGNORE).sum(), 1)
         n_mtp = jnp.maximum((batch["labels"][..., 1:] != IGNORE).sum(), 1)
-        grad_fn = self._grads
+        grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
 
         def micro(g_acc, mb):
             (loss, (metrics, counts)), g = grad_fn(params, extra, mb, (n_tokens, n_mtp))
@@ -787,7 +770,7 @@ class JaxTrainer:
         jax, jnp = self.jax, self.jnp
         mb = {k: jnp.asarray(v) for k, v in mb.items()}
         n = (jnp.maximum((mb["labels"] != IGNORE).sum(), 1), jnp.maximum((mb["labels"][:, 1:] != IGNORE).sum(), 1))
-        (loss, (metrics, _)), g = self._grads(self.params, self.extra, mb, n)
+        (loss, (metrics, _)), g = jax.value_and_grad(self.loss_fn, has_aux=True)(self.params, self.extra, mb, n)
         return float(loss), {k: float(v) for k, v in metrics.items()}, {k: np.asarray(v) for k, v in _flatten(g).items()}
 
     def evaluate(self, batch):
@@ -918,6 +901,7 @@ def _eval_sums(model, cfg, a, kernels, p, extra, batch, losses=None):
 class TorchTrainer:
     """Params as leaf tensors with requires_grad; .backward() per micro-batch accumulates the global gradient;
     torch.optim.AdamW with a no-decay group; clipping by the global norm (computed as optax does)."""
+    _direct = False  # see __init__; the mesh trainer keeps autograd's lookup gradient
 
     def __init__(self, model, cfg, params, a, kernels):
         import torch
@@ -935,8 +919,15 @@ class TorchTrainer:
         self.opt = torch.optim.AdamW(groups, lr=a.lr, betas=(a.beta1, a.beta2), eps=a.eps, fused=True)
         self.extra = _init_extra(model, cfg, a, "torch")
         self.n_updates = 0
-        if getattr(cfg, "tie_word_embeddings", False) and not a.compile:
-            self.kernels = {**kernels, "embed": _sparse_lookup}
+        # the tied table's lookup gradient added in place onto the head's (see _DirectLookup): float32 only (there
+        # the head's gradient reaches the table through views alone), and not with MTP (a second use of the table)
+        self._direct, self._flight = False, []
+        if (getattr(cfg, "tie_word_embeddings", False) and not a.compile and a.dtype == "float32"
+                and not any(k.startswith("mtp") for k in self.flat)):
+            lookup, leaf, flight = _DirectLookup.get(), self.flat["embed"], self._flight
+            anchor = torch.empty(0, requires_grad=True)  # what puts the lookup in the graph
+            self.kernels = {**kernels, "embed": lambda t, ids: lookup.apply(t.detach(), ids, leaf, anchor, flight)
+                            if self._direct else t[ids]}
         self._loss = self.loss_fn
         if a.compile:
             self._loss = torch.compile(self.loss_fn)
@@ -948,23 +939,36 @@ class TorchTrainer:
         if self.a.remat == "full":
             import torch.utils.checkpoint as ckpt
             remat_all = lambda f: (lambda *x: ckpt.checkpoint(f, *x, use_reentrant=False))  # noqa: E731
+        ce = self.kernels.get("cross_entropy", cross_entropy_ref_torch)
+        if self._direct and "embed" in self.kernels:
+            ce = _catching_head_grad(ce, self._flight)
         return _loss(self.model, self.cfg, self.a, self.kernels, self.model.unflatten(p), extra, mb, n,
-                     ce=self.kernels.get("cross_entropy", cross_entropy_ref_torch), remat_all=remat_all, shards=shards,
-                     aux_sum=aux_sum)
+                     ce=ce, remat_all=remat_all, shards=shards, aux_sum=aux_sum)
 
-    def step(self, batch):
+    def backward(self, batch):
+        """Accumulates the global batch's gradient ([accum, B, T] arrays) into the params' .grad; returns (loss,
+        metric sums, expert counts)."""
         torch = self.torch
         batch = {k: torch.as_tensor(v).long() for k, v in batch.items()}
         n = ((batch["labels"] != IGNORE).sum().clamp(min=1), (batch["labels"][..., 1:] != IGNORE).sum().clamp(min=1))
         total, sums, counts = 0.0, {}, 0
-        for i in range(self.a.accum):
-            mb = {k: v[i] for k, v in batch.items()}
-            loss, (metrics, c) = self._loss(self.params, self.extra, mb, n)
-            loss.backward()
-            total += loss.detach()
-            counts = counts + (c.detach() if torch.is_tensor(c) else c)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v.detach()
+        self._direct = True
+        try:
+            for i in range(self.a.accum):
+                mb = {k: v[i] for k, v in batch.items()}
+                loss, (metrics, c) = self._loss(self.params, self.extra, mb, n)
+                loss.backward()
+                total += loss.detach()
+                counts = counts + (c.detach() if torch.is_tensor(c) else c)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach()
+        finally:
+            self._direct = False
+        return total, sums, counts
+
+    def step(self, batch):
+        torch = self.torch
+        total, sums, counts = self.backward(batch)
         with torch.no_grad():
             grads = [v.grad for v in self.flat.values() if v.grad is not None]
             gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
@@ -1034,12 +1038,54 @@ class TorchTrainer:
         self.extra = sd["extra"]
 
 
-def _sparse_lookup(table, ids):
-    """The embedding lookup of a tied table with a sparse gradient (rows ids, values d h): autograd adds it in place
-    onto the head's dense [V, E] gradient of the same table, where a dense lookup gradient would be a second [V, E]
-    buffer summed into the first."""
-    import torch.nn.functional as F
-    return F.embedding(ids, table, sparse=True)
+class _DirectLookup:
+    """The embedding lookup of a tied float32 table whose gradient bypasses autograd: its backward adds the rows of
+    d h in place (index_add_) into the head's [V, E] gradient, so the table has one gradient buffer; autograd's
+    own lookup gradient would be a second dense [V, E] buffer summed into the first (311 MB at Qwen3's
+    vocabulary, E = 512). The head's gradient is caught on its way (a hook on the head, _catching_head_grad): it
+    reaches the table through views only (embed.T), so that tensor's storage is what becomes the table's .grad.
+    Where .grad already exists (a later micro-batch, or autograd accumulated first) the rows go there; with
+    neither, into fresh zeros. The table comes in detached (an edge to it would hold its AccumulateGrad back until
+    this backward ran); an empty anchor tensor that requires grad is what puts this function in the graph."""
+    fn = None
+
+    @classmethod
+    def get(cls):
+        if cls.fn is None:
+            import torch
+
+            class Lookup(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, table, ids, leaf, anchor, flight):
+                    ctx.save_for_backward(ids)
+                    ctx.leaf, ctx.flight = leaf, flight
+                    return table[ids]
+
+                @staticmethod
+                def backward(ctx, g):
+                    ids, = ctx.saved_tensors
+                    leaf, flight = ctx.leaf, ctx.flight
+                    if leaf.grad is not None:
+                        target = leaf.grad
+                    elif len(flight) == 1:
+                        target = flight[0].T  # the head's gradient [E, V], not yet in .grad
+                    else:
+                        leaf.grad = target = torch.zeros_like(leaf)
+                    flight.clear()  # drop the reference, so that autograd moves the buffer into .grad uncopied
+                    target.index_add_(0, ids.reshape(-1), g.reshape(-1, g.shape[-1]).to(target.dtype))
+                    return None, None, None, None, None
+
+            cls.fn = Lookup
+        return cls.fn
+
+
+def _catching_head_grad(ce, flight):
+    """ce, with a hook that appends the head's gradient to `flight` as autograd computes it."""
+    def caught(h, w, labels):
+        if w.requires_grad:
+            w.register_hook(flight.append)  # returns None: the gradient passes on unchanged
+        return ce(h, w, labels)
+    return caught
 
 
 def _all_sum_grad(t):

@@ -358,3 +358,39 @@ def test_bf16_and_remat_give_the_same_loss(backend):
     np.testing.assert_allclose(r["losses"], ref, rtol=2e-2)
     leaves = train._flatten(r["trainer"].params).values()
     assert all(str(v.dtype).endswith("float32") for v in leaves)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_torch_tied_table_gradient_in_place(remat, monkeypatch):
+    """The torch trainer adds the tied table's lookup gradient into the head's [V, E] gradient in place: over two
+    accumulated micro-batches with repeated tokens the table's .grad equals plain autograd's, and it is the CE's
+    own gradient buffer of the first micro-batch (no second [V, E] buffer)."""
+    import qwen3
+    cfg = qwen3.Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    a = train.Args(model="qwen3", backend="torch", batch_size=2, global_batch_size=4, seq_len=16, remat=remat,
+                   quiet=True)
+    t = train.TorchTrainer(qwen3, cfg, None, a, {})
+    rng = np.random.default_rng(0)
+    mbs = [batch_of(rng.integers(0, 8, (2, 16)).astype(np.int32)) for _ in range(2)]  # 8 of 64 ids: repeats
+    n = sum(int((mb["labels"] != train.IGNORE).sum()) for mb in mbs)
+    want = {}
+    for mb in mbs:  # each micro-batch's gradient against its own count, rescaled to the global count
+        m = int((mb["labels"] != train.IGNORE).sum())
+        for k, g in t.loss_and_grads(mb)[2].items():
+            want[k] = want.get(k, 0) + g * m / n
+    ce, ptrs = train._CETorch.get(), []
+    backward = ce.backward
+
+    def spy(ctx, g):
+        out = backward(ctx, g)
+        ptrs.append(out[1].data_ptr())
+        return out
+    monkeypatch.setattr(ce, "backward", staticmethod(spy))
+    t.backward({k: np.stack([mb[k] for mb in mbs]) for k in mbs[0]})
+    got = {k: v.grad.numpy() for k, v in t.flat.items()}
+    assert set(got) == set(want) and t._direct is False and not t._flight
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    assert np.abs(got["embed"]).sum() > 0
+    assert len(ptrs) == 2 and t.flat["embed"].grad.data_ptr() == ptrs[0]
