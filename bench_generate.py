@@ -72,12 +72,15 @@ def hf_runner(model, dtype):
 
 
 def our_runner(folder, backend, dtype):
+    """backend: jax, torch, or torch+compile (generate(compile=True): the torch.compile'd decode step; its compile
+    happens in measure()'s warm-up, as JAX's jit does)."""
     import convert
     import generate
-    model, cfg, params = convert.load_hf(folder, backend=backend, dtype=dtype)
+    model, cfg, params = convert.load_hf(folder, backend=backend.split("+")[0], dtype=dtype)
+    compile = backend.endswith("+compile")
 
     def run(prompts, n):
-        generate.generate(model, cfg, params, prompts, max_new_tokens=n, eos_ids=[])
+        generate.generate(model, cfg, params, prompts, max_new_tokens=n, eos_ids=[], compile=compile)
     return run
 
 
@@ -94,7 +97,7 @@ def measure(run, batch, prompt_len, new, repeats):
 
 @click.command()
 @click.option("--quick", is_flag=True, help="Fewer repeats and shorter prefill.")
-@click.option("--backends", default="jax,torch", show_default=True)
+@click.option("--backends", default="jax,torch,torch+compile", show_default=True)
 @click.option("--bf16-prefill", is_flag=True, help="Also time a (short) bf16 prefill.")
 def main(quick, backends, bf16_prefill):
     import torch

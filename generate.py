@@ -189,9 +189,11 @@ class _Decoder:
     """The two compiled programs of a decode, for one (model, cfg, sampling kind, kernels) and one backend:
     prefill(params, cache, tokens, positions, segs, rng, temperature) -> (ids [B], logits [B, V] fp32, cache, rng)
     and step(params, cache, ids, positions, rng, temperature) -> (ids, logits, cache, rng).
-    sampling: (greedy, top_k, top_p), static; the temperature is an input."""
+    sampling: (greedy, top_k, top_p), static; the temperature is an input. compile (torch): the step goes through
+    torch.compile (inductor: one fused program per cache shape, no per-op Python dispatch), the prefill stays
+    eager; both run under no_grad, as inference tensors cannot enter a compiled graph."""
 
-    def __init__(self, model, cfg, sampling, kernels, backend):
+    def __init__(self, model, cfg, sampling, kernels, backend, compile=False):
         self.backend = backend
         greedy, top_k, top_p = sampling
         kw = {"kernels": kernels} if kernels else {}
@@ -212,6 +214,10 @@ class _Decoder:
             import jax
             self.prefill = jax.jit(prefill, donate_argnums=(1,))
             self.step = jax.jit(step, donate_argnums=(1,))
+        elif compile:
+            import torch
+            self.prefill = torch.no_grad()(prefill)
+            self.step = torch.no_grad()(torch.compile(step, dynamic=False))
         else:
             import torch
             self.prefill = torch.inference_mode()(prefill)
@@ -230,11 +236,15 @@ class _Decoder:
 _DECODERS = {}
 
 
-def _decoder(model, cfg, sampling, kernels, backend):
-    key = (model.__name__, cfg, sampling, id(kernels) if kernels else None, backend)
+def _decoder(model, cfg, sampling, kernels, backend, compile=False):
+    compile = compile and backend == "torch"  # a JAX step is always compiled (jit)
+    key = (model.__name__, cfg, sampling, id(kernels) if kernels else None, backend, compile)
     if key not in _DECODERS:
-        _DECODERS[key] = _Decoder(model, cfg, sampling, kernels, backend)
+        _DECODERS[key] = _Decoder(model, cfg, sampling, kernels, backend, compile)
     return _DECODERS[key]
+
+
+CACHE_BUCKET = 256  # a compiled torch step's cache length is rounded up to this, so lengths share one compile
 
 
 def left_pad(prompts):
@@ -248,10 +258,12 @@ def left_pad(prompts):
 
 
 def steps(model, cfg, params, prompts, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=0,
-          kernels=None, stats=None):
+          kernels=None, stats=None, compile=False):
     """Yields (ids: numpy int [B], logits [B, V] float32 on the device) for each new token position, as the
     device produces them; the step after has already been dispatched when ids are read. stats (a dict), if given,
-    receives prefill/decode token counts and seconds."""
+    receives prefill/decode token counts and seconds. compile: torch.compile the torch decode step (its first
+    call per batch size and cache bucket compiles, tens of seconds on a CPU); the cache then has a multiple of
+    CACHE_BUCKET slots (the slots past the end are masked: the same results)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (Qwen has no BOS to start from)")
     if max_new_tokens <= 0:
@@ -262,10 +274,13 @@ def steps(model, cfg, params, prompts, max_new_tokens=32, temperature=0.0, top_k
     top_k = None if top_k in (None, 0) else int(top_k)
     greedy = not temperature or top_k == 1
     sampling = (greedy, None if greedy else top_k, None if greedy or top_p is None or top_p >= 1.0 else float(top_p))
-    dec = _decoder(model, cfg, sampling, kernels, backend)  # one compile per sampling kind; temperature is an input
+    dec = _decoder(model, cfg, sampling, kernels, backend, compile)  # one per sampling kind; temperature is an input
     tokens, positions, segs = left_pad(prompts)
     B, T = tokens.shape
-    cache = model.init_cache(cfg, B, T + max_new_tokens, dtype=dtype, backend=backend)
+    S = T + max_new_tokens
+    if compile and backend == "torch":
+        S = -(-S // CACHE_BUCKET) * CACHE_BUCKET
+    cache = model.init_cache(cfg, B, S, dtype=dtype, backend=backend)
     next_pos = positions[:, -1] + 1
     if backend == "jax":
         import jax
@@ -315,17 +330,17 @@ def steps(model, cfg, params, prompts, max_new_tokens=32, temperature=0.0, top_k
 
 
 def generate(model, cfg, params, prompts, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=0,
-             eos_ids=None, kernels=None, stream=None, stats=None):
+             eos_ids=None, kernels=None, stream=None, stats=None, compile=False):
     """New ids for each prompt (a list of lists of ints): greedy when temperature is 0, else sampled with
     temperature, top-k and top-p from `seed`. A row ends after its first EOS id (included) or max_new_tokens.
     eos_ids: ids to stop on; None takes cfg.eos_token_id. stream(row, id) is called for each new id as it is
-    produced. stats (a dict), if given, receives prefill/decode token counts and seconds."""
+    produced. stats (a dict), if given, receives prefill/decode token counts and seconds. compile: see steps."""
     if eos_ids is None:
         eos_ids = _ids(getattr(cfg, "eos_token_id", None))
     eos = set(int(e) for e in eos_ids)
     out = [[] for _ in prompts]
     done = [False] * len(prompts)
-    it = steps(model, cfg, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, kernels, stats)
+    it = steps(model, cfg, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, kernels, stats, compile)
     for ids, _ in it:
         for r, t in enumerate(ids.tolist()):
             if done[r]:
@@ -384,7 +399,7 @@ class _Printer:
 
 
 def _cli(hf, ckpt, prompt, chat, think, system, max_new_tokens, temperature, top_k, top_p, seed, backend, dtype,
-         kernels):
+         kernels, compile=False):
     import convert
     if (hf is None) == (ckpt is None):
         raise convert.UserError("give exactly one of --hf SRC and --ckpt DIR")
@@ -427,7 +442,7 @@ def _cli(hf, ckpt, prompt, chat, think, system, max_new_tokens, temperature, top
     printer = _Printer(tok)
     stats = {}
     generate(model, cfg, params, [ids], max_new_tokens, temperature, top_k, top_p, seed, eos_ids=eos,
-             kernels=_kernels(kernels, backend, dtype), stream=printer, stats=stats)
+             kernels=_kernels(kernels, backend, dtype), stream=printer, stats=stats, compile=compile)
     printer.finish()
     if stats:
         p, d = stats["prefill_tokens"], stats["decode_tokens"]
@@ -456,12 +471,14 @@ def _command():
     @click.option("--backend", type=click.Choice(["jax", "torch"]), default="jax", show_default=True)
     @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
     @click.option("--kernels", type=click.Choice(["auto", "ref"]), default="auto", show_default=True)
+    @click.option("--compile/--no-compile", default=False, show_default=True,
+                  help="torch: torch.compile the decode step (pays off over many tokens; JAX always compiles).")
     @convert.main_guard
     def main(hf, ckpt, prompt, chat, think, system, max_new_tokens, temperature, top_k, top_p, seed, backend,
-             dtype, kernels):
+             dtype, kernels, compile):
         """Generate text from a prompt; the completion is streamed to stdout, speeds go to stderr."""
         _cli(hf, ckpt, prompt, chat, think, system, max_new_tokens, temperature, top_k, top_p, seed, backend,
-             dtype, kernels)
+             dtype, kernels, compile)
     return main
 
 
