@@ -101,9 +101,38 @@ def test_torch_compiled_decode_equals_transformers(arch, hf_folders):
     assert generate.generate(model, cfg, params, PROMPTS, max_new_tokens=32, eos_ids=[], compile=True) == ref
     eager = list(generate.steps(model, cfg, params, PROMPTS, max_new_tokens=8))
     compiled = list(generate.steps(model, cfg, params, PROMPTS, max_new_tokens=8, compile=True))
+    # batch 1 takes the compiled step's multiply-and-sum unembedding
+    eager += list(generate.steps(model, cfg, params, PROMPTS[:1], max_new_tokens=8))
+    compiled += list(generate.steps(model, cfg, params, PROMPTS[:1], max_new_tokens=8, compile=True))
     for (ie, le), (ic, lc) in zip(eager, compiled):
         assert (ie == ic).all()
         np.testing.assert_allclose(to_np(lc), to_np(le), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_layout():
+    """decode_layout: the same values and shapes, dense projections stored input-axis-last (wo and the norms as
+    they were), copies cached per weight, redone after an in-place change, and an already relaid tree kept."""
+    import torch
+    import qwen3
+    cfg = qwen3.SIZES["debug"]
+    params = qwen3.init(cfg, backend="torch", seed=0)
+    out = generate.decode_layout(qwen3, cfg, params)
+    lay, got = params["layers"], out["layers"]
+    for k in lay:
+        assert got[k].shape == lay[k].shape and torch.equal(got[k], lay[k]), k
+    for k in ("wq", "wk", "wv", "w_gate", "w_up", "w_down"):
+        w = got[k]
+        assert w.permute([0] + list(range(2, w.ndim)) + [1]).is_contiguous(), k
+        assert not lay[k].permute([0] + list(range(2, w.ndim)) + [1]).is_contiguous(), k
+    assert got["wo"] is lay["wo"] and got["attn_norm"] is lay["attn_norm"] and out["embed"] is params["embed"]
+    again = generate.decode_layout(qwen3, cfg, params)
+    assert again["layers"]["w_gate"] is got["w_gate"]  # cached
+    kept = generate.decode_layout(qwen3, cfg, out)
+    assert all(kept["layers"][k] is got[k] for k in got)  # already in that order: no second copy
+    with torch.no_grad():
+        lay["w_up"].mul_(2.0)
+    fresh = generate.decode_layout(qwen3, cfg, params)["layers"]["w_up"]
+    assert torch.equal(fresh, lay["w_up"]) and not torch.equal(fresh, got["w_up"])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
