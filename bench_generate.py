@@ -5,7 +5,8 @@ machine, same run, and next to the machine's own limits measured in this run.
     python bench_generate.py --quick      # fewer repeats
 
 Every figure is wall time of the public call, the same way for everyone: prefill = generate(max_new_tokens=1);
-decode = (generate(1 + N) - generate(1)) / N per step, best of the repeats, after a warm-up (compiles excluded).
+decode = (generate(1 + N) - generate(1)) / N per step, best of the repeats (taken round the runners), after a warm-up
+(compiles excluded).
 Rooflines: decode tokens/s <= read bandwidth / bytes read per step (every weight, tied unembedding included, plus
 the KV cache) x batch; prefill tokens/s <= matmul FLOP/s (of the dtype) / (2 x non-embedding params + attention)
 FLOPs per token, the unembedding counted for the last token only (both sides skip the others).
@@ -84,15 +85,27 @@ def our_runner(folder, backend, dtype):
     return run
 
 
-def measure(run, batch, prompt_len, new, repeats):
-    """(prefill tokens/s, decode tokens/s) for `batch` prompts of `prompt_len` tokens."""
+def measure(runs, batch, prompt_len, new, repeats):
+    """{who: (prefill tokens/s, decode tokens/s)} for `batch` prompts of `prompt_len` tokens. The repeats go round
+    the runners (one timing of each, then the next round), so a machine whose speed drifts during the run (these
+    VMs do, by 1.5x within minutes) slows every runner alike instead of whichever ran then."""
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, 151643, (batch, prompt_len)).tolist()
-    run(prompts, 1)
-    run(prompts, 1 + new)  # warm-up: compiles, allocator
-    t1 = best(lambda: run(prompts, 1), repeats)
-    tn = best(lambda: run(prompts, 1 + new), repeats) if new else t1
-    return batch * prompt_len / t1, (batch * new / (tn - t1) if new else None)
+    for run in runs.values():
+        run(prompts, 1)
+        run(prompts, 1 + new)  # warm-up: compiles, allocator
+    t1 = {who: [] for who in runs}
+    tn = {who: [] for who in runs}
+    for _ in range(repeats):
+        for who, run in runs.items():
+            t1[who].append(best(lambda: run(prompts, 1), 1))
+            if new:
+                tn[who].append(best(lambda: run(prompts, 1 + new), 1))
+    out = {}
+    for who in runs:
+        a, b = min(t1[who]), (min(tn[who]) if new else None)
+        out[who] = (batch * prompt_len / a, batch * new / (b - a) if new else None)
+    return out
 
 
 @click.command()
@@ -105,7 +118,7 @@ def main(quick, backends, bf16_prefill):
     cfg = qwen3.Config(**BENCH_CFG)
     n_params = qwen3.count_params(cfg)
     E, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
-    repeats = 2 if quick else 3
+    repeats = 2 if quick else 5
     load = os.getloadavg()[0]
     bw, peak = machine_limits()
     print(f"machine: {os.cpu_count()} CPUs, load average {load:.2f} at start; torch {torch.__version__} with "
@@ -116,7 +129,7 @@ def main(quick, backends, bf16_prefill):
     # bf16 rows are kept short: CPUs without native bf16 run bf16 GEMMs far below their fp32 speed (see the
     # matmul line); prefill in bf16 is measured only with --bf16-prefill for that reason.
     T = 128 if quick else 256
-    cases = [("decode", "bfloat16", 1, 16, 8), ("decode", "float32", 1, 16, 32), ("decode", "float32", 8, 16, 32),
+    cases = [("decode", "bfloat16", 1, 16, 32), ("decode", "float32", 1, 16, 32), ("decode", "float32", 8, 16, 32),
              ("prefill", "float32", 1, T, 0)] + ([("prefill", "bfloat16", 1, 64, 0)] if bf16_prefill else [])
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -132,10 +145,8 @@ def main(quick, backends, bf16_prefill):
             nbytes = n_params * (2 if dtype == "bfloat16" else 4) + kv_bytes
             attn = 2 * 2 * L * cfg.num_attention_heads * cfg.head_dim * T / 2  # causal: average context T/2
             flops_tok = 2 * (n_params - V * E) + attn + 2 * E * V / T
-            res = {}
-            for who in ["hf"] + backends.split(","):
-                pre, dec = measure(runners[(who, dtype)], B, T, new, repeats)
-                res[who] = dec if kind == "decode" else pre
+            got = measure({who: runners[(who, dtype)] for who in ["hf"] + backends.split(",")}, B, T, new, repeats)
+            res = {who: (dec if kind == "decode" else pre) for who, (pre, dec) in got.items()}
             roof = bw / nbytes * B if kind == "decode" else peak[dtype] / flops_tok
             for who in ["hf"] + backends.split(","):
                 rows.append((f"{kind} B={B} T={T}{f' +{new}' if new else ''}", dtype, who, res[who],
