@@ -353,3 +353,21 @@ def test_torch_compiled_sampling_equals_eager():
     eager = generate.generate(qwen3, cfg, params, PROMPTS, 12, **kw)
     assert generate.generate(qwen3, cfg, params, PROMPTS, 12, compile=True, **kw) == eager
     assert generate.generate(qwen3, cfg, params, PROMPTS, 12, **dict(kw, seed=4)) != eager
+
+
+def test_per_layer_cache():
+    """The compiled torch step's k/v cache: one buffer of its own per layer (no shared storage), the same values
+    behind the same a[i]; a cache with other leaves (Qwen3-Next) stays as it was."""
+    import qwen3
+    import qwen3_next
+    cfg = qwen3.SIZES["debug"]
+    cache = qwen3.init_cache(cfg, 2, 16, backend="torch")
+    cache["k"].normal_()
+    got = generate._per_layer_cache(cache)
+    ptrs = {got[n][i].untyped_storage().data_ptr() for n in ("k", "v") for i in range(cfg.num_hidden_layers)}
+    assert len(ptrs) == 2 * cfg.num_hidden_layers and cache["k"].untyped_storage().data_ptr() not in ptrs
+    assert all(got["k"][i].equal(cache["k"][i]) for i in range(cfg.num_hidden_layers))
+    assert got["seg"] is cache["seg"] and got["len"] is cache["len"]
+    ncfg = qwen3_next.SIZES["debug"]
+    nc = qwen3_next.init_cache(ncfg, 2, 16, backend="torch")
+    assert generate._per_layer_cache(nc) is nc
