@@ -79,6 +79,8 @@ def our_runner(folder, backend, dtype):
     import generate
     model, cfg, params = convert.load_hf(folder, backend=backend.split("+")[0], dtype=dtype)
     compile = backend.endswith("+compile")
+    if backend == "jax" or compile:  # as generate.py does: only the decode layout's copy is kept
+        params = generate.decode_layout(model, cfg, params)
 
     def run(prompts, n):
         generate.generate(model, cfg, params, prompts, max_new_tokens=n, eos_ids=[], compile=compile)

@@ -135,6 +135,60 @@ def test_decode_layout():
     assert torch.equal(fresh, lay["w_up"]) and not torch.equal(fresh, got["w_up"])
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3_next"])
+def test_jax_decode_layout_tied(arch, tmp_path):
+    """JAX decode_layout on a tied model: the embedding stored once, transposed ("embed_t"), cached per array; greedy
+    generation from it gives transformers' tokens, and its logits are those of the model's own layout."""
+    import jax.numpy as jnp
+    _need(arch)
+    model_hf = _hf_model(arch, tie_word_embeddings=True)
+    folder = save_hf(model_hf, tmp_path / arch)
+    model, cfg, params = convert.load_hf(folder, backend="jax", dtype="float32")
+    assert cfg.tie_word_embeddings
+    out = generate.decode_layout(model, cfg, params)
+    assert "embed" not in out and all(out[k] is params[k] for k in params if k != "embed")
+    np.testing.assert_array_equal(np.asarray(out["embed_t"]), np.asarray(params["embed"]).T)
+    assert generate.decode_layout(model, cfg, params)["embed_t"] is out["embed_t"]  # cached
+    assert generate.decode_layout(model, cfg, out) is out  # already relaid
+    ref = _hf_generate(model_hf, PROMPTS, 32)
+    assert generate.generate(model, cfg, out, PROMPTS, max_new_tokens=32, eos_ids=[]) == ref
+    for (ia, la), (ib, lb) in zip(generate.steps(model, cfg, params, PROMPTS, 8),
+                                  generate.steps(model, cfg, out, PROMPTS, 8)):
+        assert (ia == ib).all()
+        np.testing.assert_allclose(np.asarray(lb), np.asarray(la), atol=1e-5, rtol=1e-5)
+    untied = {**params, "lm_head": jnp.asarray(params["embed"]).T}
+    import dataclasses
+    cfg_u = dataclasses.replace(cfg, tie_word_embeddings=False)
+    assert generate.decode_layout(model, cfg_u, untied) is untied  # an untied head is [E, V] already
+    bf16 = {**params, "embed": jnp.asarray(params["embed"], jnp.bfloat16)}
+    assert generate.decode_layout(model, cfg, bf16) is bf16  # bf16: [V, E] is XLA's fast order
+
+
+def test_jax_argmax_and_categorical():
+    """The JAX sampler's blocked argmax equals jnp.argmax (ties to the first index, across and inside blocks, a
+    vocabulary that is not a multiple of the block, all -inf, NaN after a larger number), and its categorical draw is
+    jax.random.categorical's for the same key."""
+    import jax
+    import jax.numpy as jnp
+    rng = np.random.default_rng(0)
+    for V in (151936, 1000, 100):
+        x = rng.standard_normal((6, V)).astype(np.float32)
+        x[1, [3, V // 2, V - 1]] = 50.0  # ties across blocks: the first wins
+        x[2, [V - 2, V - 1]] = 50.0  # a tie inside the last (padded) block
+        x[3] = -np.inf
+        x[4, [7, V // 3]] = np.nan
+        x[4, 2] = 60.0
+        x[5, V - 1] = 50.0
+        got = np.asarray(jax.jit(generate._argmax_jax)(jnp.asarray(x)))
+        np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), -1)))
+        assert got.tolist()[1:] == [3, V - 2, 0, 7, V - 1]
+    logits = jnp.asarray(rng.standard_normal((4, 1000)).astype(np.float32))
+    for seed in range(5):
+        key = jax.random.PRNGKey(seed)
+        ours = generate._sample(logits, key, 0.7, None, None)
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(jax.random.categorical(key, logits / 0.7, -1)))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cached_decode_equals_full_forward(arch, backend, hf_folders):
     _, folder = hf_folders(arch)
