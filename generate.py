@@ -363,23 +363,33 @@ def _decoder(model, cfg, sampling, kernels, backend, compile=False):
 class _Layers:
     """A stacked [L, ...] cache leaf as L buffers of its own behind the same a[i] the model's layer scan uses."""
 
-    def __init__(self, stacked):
-        self.bufs = [a.clone() for a in stacked]
+    def __init__(self, bufs):
+        self.bufs = list(bufs)
 
     def __getitem__(self, i):
         return self.bufs[i]
 
 
-def _per_layer_cache(cache):
-    """compile (torch): the k/v cache as one buffer per layer. A layer's in-place write into a view of one stacked
-    tensor makes the compiled program copy that layer's slice and write the whole stack back every step, a cost
-    that grows with the cache length (the bench model's layers, bf16 B=1, 2,048 slots: 11.3 ms stacked against
-    6.0 per layer); into a buffer of its own the write is a mutation of a program input, done in place. A cache
-    with other leaves (Qwen3-Next's conv and recurrent states, which the model reshapes into blocks) stays
-    stacked."""
-    if set(cache) != {"k", "v", "seg", "len"}:
-        return cache
-    return dict(cache, k=_Layers(cache["k"]), v=_Layers(cache["v"]))
+def _compiled_cache(cache, slots):
+    """compile (torch): the prefilled cache grown to `slots` slots (a multiple of CACHE_BUCKET; the new slots are
+    empty, segment 0, so masked), with k/v as one buffer per layer. The prefill runs into a cache of only the slots
+    it needs and this copies it (the bench's 256-token prefill: 111.6 ms into a 257-slot cache, 125.8 ms into the
+    512 slots of the bucket). Per layer: a layer's in-place write into a view of one stacked tensor makes the
+    compiled program copy that layer's slice and write the whole stack back every step, a cost that grows with the
+    cache length (the bench model's layers, bf16 B=1, 2,048 slots: 11.3 ms stacked against 6.0 per layer); into a
+    buffer of its own the write is a mutation of a program input, done in place. A cache with other leaves (Qwen3-
+    Next's conv and recurrent states, which the model reshapes into blocks) keeps k/v stacked."""
+    def grown(a, axis):  # a copy of `a` with `slots` along `axis`, zeros past its own
+        out = a.new_zeros(a.shape[:axis] + (slots,) + a.shape[axis + 1:])
+        out.narrow(axis, 0, a.shape[axis]).copy_(a)
+        return out
+    out = dict(cache, seg=grown(cache["seg"], 1))
+    for name in ("k", "v"):
+        if set(cache) == {"k", "v", "seg", "len"}:
+            out[name] = _Layers(grown(a, 1) for a in cache[name])
+        else:
+            out[name] = grown(cache[name], 2)
+    return out
 
 
 CACHE_BUCKET = 256  # a compiled torch step's cache length is rounded up to this, so lengths share one compile
@@ -417,8 +427,6 @@ def steps(model, cfg, params, prompts, max_new_tokens=32, temperature=0.0, top_k
     B, T = tokens.shape
     S = T + max_new_tokens
     if compile and backend == "torch":
-        S = -(-S // CACHE_BUCKET) * CACHE_BUCKET
-    if compile and backend == "torch":
         params = decode_layout(model, cfg, params)
     cache = model.init_cache(cfg, B, S, dtype=dtype, backend=backend)
     next_pos = positions[:, -1] + 1
@@ -439,8 +447,6 @@ def steps(model, cfg, params, prompts, max_new_tokens=32, temperature=0.0, top_k
         if dev.type != "cpu":  # init_cache allocates on the CPU; move every leaf, whatever the cache holds
             cache = _tree_map(lambda a: a.to(dev), cache)
         rng = torch.Generator(device=dev).manual_seed(seed)
-        if compile:
-            cache = _per_layer_cache(cache)
 
         def read(x):
             return x.cpu().numpy()
@@ -448,6 +454,8 @@ def steps(model, cfg, params, prompts, max_new_tokens=32, temperature=0.0, top_k
     temp = np.float32(1.0 if greedy else temperature)
     temp = jnp.asarray(temp) if backend == "jax" else torch.as_tensor(temp, device=leaf.device)
     ids, logits, cache, rng = dec.prefill(params, cache, arr(tokens), arr(positions), arr(segs), rng, temp)
+    if compile and backend == "torch":  # the compiled step's cache: its slots rounded up to the bucket
+        cache = _compiled_cache(cache, -(-S // CACHE_BUCKET) * CACHE_BUCKET)
     first = read(ids)
     t1 = time.perf_counter()
     if stats is not None:

@@ -409,19 +409,31 @@ def test_torch_compiled_sampling_equals_eager():
     assert generate.generate(qwen3, cfg, params, PROMPTS, 12, **dict(kw, seed=4)) != eager
 
 
-def test_per_layer_cache():
-    """The compiled torch step's k/v cache: one buffer of its own per layer (no shared storage), the same values
-    behind the same a[i]; a cache with other leaves (Qwen3-Next) stays as it was."""
+def test_compiled_cache():
+    """The compiled torch step's cache: the prefilled one grown to the bucket's slots (its values first, then empty
+    slots of segment 0), k/v as one buffer of its own per layer (no shared storage) behind the same a[i]; a cache
+    with other leaves (Qwen3-Next) keeps k/v stacked, grown too, and its states as they were."""
+    import torch
     import qwen3
     import qwen3_next
     cfg = qwen3.SIZES["debug"]
+    L = cfg.num_hidden_layers
     cache = qwen3.init_cache(cfg, 2, 16, backend="torch")
     cache["k"].normal_()
-    got = generate._per_layer_cache(cache)
-    ptrs = {got[n][i].untyped_storage().data_ptr() for n in ("k", "v") for i in range(cfg.num_hidden_layers)}
-    assert len(ptrs) == 2 * cfg.num_hidden_layers and cache["k"].untyped_storage().data_ptr() not in ptrs
-    assert all(got["k"][i].equal(cache["k"][i]) for i in range(cfg.num_hidden_layers))
-    assert got["seg"] is cache["seg"] and got["len"] is cache["len"]
+    cache["v"].normal_()
+    cache["seg"][:, :10] = 1
+    got = generate._compiled_cache(cache, 256)
+    ptrs = {got[n][i].untyped_storage().data_ptr() for n in ("k", "v") for i in range(L)}
+    assert len(ptrs) == 2 * L and cache["k"].untyped_storage().data_ptr() not in ptrs
+    for n in ("k", "v"):
+        for i in range(L):
+            assert got[n][i].shape == (2, 256) + cache[n].shape[3:]
+            assert got[n][i][:, :16].equal(cache[n][i]) and not got[n][i][:, 16:].any()
+    assert got["seg"].shape == (2, 256) and got["seg"][:, :16].equal(cache["seg"]) and not got["seg"][:, 16:].any()
+    assert got["len"] is cache["len"]
     ncfg = qwen3_next.SIZES["debug"]
     nc = qwen3_next.init_cache(ncfg, 2, 16, backend="torch")
-    assert generate._per_layer_cache(nc) is nc
+    nc["k"].normal_()
+    ng = generate._compiled_cache(nc, 256)
+    assert isinstance(ng["k"], torch.Tensor) and ng["k"].shape[2] == 256 and ng["k"][:, :, :16].equal(nc["k"])
+    assert ng["conv"] is nc["conv"] and ng["rec"] is nc["rec"]
