@@ -384,11 +384,11 @@ def _compiled_cache(cache, slots):
         out.narrow(axis, 0, a.shape[axis]).copy_(a)
         return out
     out = dict(cache, seg=grown(cache["seg"], 1))
-    for name in ("k", "v"):
+    for name in ("k", "v"):  # heads-major [L, B, Hkv, S, D]
         if set(cache) == {"k", "v", "seg", "len"}:
-            out[name] = _Layers(grown(a, 1) for a in cache[name])
+            out[name] = _Layers(grown(a, 2) for a in cache[name])
         else:
-            out[name] = grown(cache[name], 2)
+            out[name] = grown(cache[name], 3)
     return out
 
 

@@ -415,7 +415,7 @@ def mlp(x, w_gate, w_up, w_down):
 
 
 def layer(h, lp, cos, sin, mask, cache, slot, cfg, kernels):
-    """One decoder layer. lp: this layer's params; cache: None or this layer's {'k','v'} [B, S, Hkv, D];
+    """One decoder layer. lp: this layer's params; cache: None or this layer's {'k','v'} [B, Hkv, S, D];
     slot: where the T new tokens go in the cache."""
     xp = shim(h)
     attn = kernels.get("attention", attention)
@@ -428,8 +428,11 @@ def layer(h, lp, cos, sin, mask, cache, slot, cfg, kernels):
     k = apply_rope(k + lp["bk"], cos, sin)
     v = v + lp["bv"]
     if cache is not None:
-        cache = {"k": xp.update_slice(cache["k"], k, slot, 1), "v": xp.update_slice(cache["v"], v, slot, 1)}
-        k, v = cache["k"], cache["v"]
+        # heads-major cache [B, Hkv, S, D]: each head's keys one contiguous block, which the CPU bmm reads as is
+        # (a [B, S, Hkv, D] view makes it copy the whole cache per call); attention sees the [B, S, Hkv, D] view
+        cache = {"k": xp.update_slice(cache["k"], xp.np.swapaxes(k, 1, 2), slot, 2),
+                 "v": xp.update_slice(cache["v"], xp.np.swapaxes(v, 1, 2), slot, 2)}
+        k, v = xp.np.swapaxes(cache["k"], 1, 2), xp.np.swapaxes(cache["v"], 1, 2)
     o = attn(q, k, v, mask)
     h = h + xp.np.einsum("bthd,hde->bte", o, lp["wo"])
     h = h + mlp(norm(h, lp["mlp_norm"], cfg.rms_norm_eps), lp["w_gate"], lp["w_up"], lp["w_down"])
@@ -437,11 +440,11 @@ def layer(h, lp, cos, sin, mask, cache, slot, cfg, kernels):
 
 
 def init_cache(cfg, batch, max_len, dtype="float32", backend="jax"):
-    """Preallocated decode cache: k/v [L, B, S, Hkv, D] (K after RoPE), the segment id of each slot
+    """Preallocated decode cache: k/v [L, B, Hkv, S, D] (K after RoPE), the segment id of each slot
     (0 = empty or padding), and `len`, the number of slots written."""
     xp = shim(backend)
     L, Hkv, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-    return {"k": xp.full((L, batch, max_len, Hkv, D), 0, dtype), "v": xp.full((L, batch, max_len, Hkv, D), 0, dtype),
+    return {"k": xp.full((L, batch, Hkv, max_len, D), 0, dtype), "v": xp.full((L, batch, Hkv, max_len, D), 0, dtype),
             "seg": xp.full((batch, max_len), 0, "int32"), "len": xp.asarray(0, "int32")}
 
 

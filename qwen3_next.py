@@ -824,7 +824,7 @@ def linear_attention(x, lp, cfg, kernels, cache, ctx):
 
 def full_attention(x, lp, cfg, kernels, cache, ctx):
     """Qwen3NextAttention: per-head query + output gate from q_proj, (1 + w) QK-norm, partial RoPE, GQA,
-    o * sigmoid(gate). cache: None or this layer's {'k', 'v'} [B, S, Hkv, D]."""
+    o * sigmoid(gate). cache: None or this layer's {'k', 'v'} [B, Hkv, S, D]."""
     xp = shim(x)
     D = cfg.head_dim
     qg = xp.np.einsum("bte,ehd->bthd", x, lp["wq"])
@@ -836,8 +836,11 @@ def full_attention(x, lp, cfg, kernels, cache, ctx):
     q = apply_partial_rope(rms_norm(q, lp["q_norm"], cfg.rms_norm_eps), ctx["cos"], ctx["sin"])
     k = apply_partial_rope(rms_norm(k, lp["k_norm"], cfg.rms_norm_eps), ctx["cos"], ctx["sin"])
     if cache is not None:
-        cache = {"k": xp.update_slice(cache["k"], k, ctx["start"], 1), "v": xp.update_slice(cache["v"], v, ctx["start"], 1)}
-        k, v = cache["k"], cache["v"]
+        # heads-major cache [B, Hkv, S, D]: each head's keys one contiguous block, which the CPU bmm reads as is
+        # (a [B, S, Hkv, D] view makes it copy the whole cache per call); attention sees the [B, S, Hkv, D] view
+        cache = {"k": xp.update_slice(cache["k"], xp.np.swapaxes(k, 1, 2), ctx["start"], 2),
+                 "v": xp.update_slice(cache["v"], xp.np.swapaxes(v, 1, 2), ctx["start"], 2)}
+        k, v = xp.np.swapaxes(cache["k"], 1, 2), xp.np.swapaxes(cache["v"], 1, 2)
     o = kernels.get("attention", attention)(q, k, v, ctx["mask"]) * xp.sigmoid(gate)
     o = xp.np.einsum("bthd,hde->bte", o, lp["wo"])
     if cfg.attention_bias:
@@ -899,7 +902,7 @@ def decoder_layer(h, lp, kind, cfg, kernels, cache, ctx):
 
 # ----------------------------------------------------------------------------------------------- cache and forward
 def init_cache(cfg, batch, max_len, dtype="float32", backend="jax"):
-    """Preallocated decode cache: k/v [n_full, B, S, Hkv, D] for the full-attention layers (K after k_norm and RoPE);
+    """Preallocated decode cache: k/v [n_full, B, Hkv, S, D] for the full-attention layers (K after k_norm and RoPE);
     conv [n_lin, B, K-1, conv_dim] (the last K-1 pre-conv inputs, model dtype) and rec [n_lin, B, HV, dk, dv] (the
     delta-rule state, float32) for the linear-attention layers; the segment id of each slot (0 = empty or padding);
     and `len`, the number of slots written."""
@@ -909,7 +912,7 @@ def init_cache(cfg, batch, max_len, dtype="float32", backend="jax"):
     Hkv, D = cfg.num_key_value_heads, cfg.head_dim
     Hk, Hv, dk, dv = cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
     C = 2 * Hk * dk + Hv * dv
-    return {"k": xp.full((nf, batch, max_len, Hkv, D), 0, dtype), "v": xp.full((nf, batch, max_len, Hkv, D), 0, dtype),
+    return {"k": xp.full((nf, batch, Hkv, max_len, D), 0, dtype), "v": xp.full((nf, batch, Hkv, max_len, D), 0, dtype),
             "conv": xp.full((nl, batch, cfg.linear_conv_kernel_dim - 1, C), 0, dtype),
             "rec": xp.full((nl, batch, Hv, dk, dv), 0, "float32"),
             "seg": xp.full((batch, max_len), 0, "int32"), "len": xp.asarray(0, "int32")}
@@ -1061,9 +1064,9 @@ def mtp_forward(params, hidden, next_tokens, cfg, *, layer=0, positions=None, se
 
 
 def init_mtp_cache(cfg, batch, max_len, dtype="float32", backend="jax"):
-    """KV cache for the MTP layers: k/v [num_mtp_layers, B, S, Hkv, D], seg, len."""
+    """KV cache for the MTP layers: k/v [num_mtp_layers, B, Hkv, S, D], seg, len."""
     xp = shim(backend)
-    shape = (cfg.num_mtp_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    shape = (cfg.num_mtp_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
     return {"k": xp.full(shape, 0, dtype), "v": xp.full(shape, 0, dtype),
             "seg": xp.full((batch, max_len), 0, "int32"), "len": xp.asarray(0, "int32")}
 

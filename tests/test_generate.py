@@ -427,13 +427,13 @@ def test_compiled_cache():
     assert len(ptrs) == 2 * L and cache["k"].untyped_storage().data_ptr() not in ptrs
     for n in ("k", "v"):
         for i in range(L):
-            assert got[n][i].shape == (2, 256) + cache[n].shape[3:]
-            assert got[n][i][:, :16].equal(cache[n][i]) and not got[n][i][:, 16:].any()
+            assert got[n][i].shape == (2, cache[n].shape[2], 256, cache[n].shape[4])
+            assert got[n][i][:, :, :16].equal(cache[n][i]) and not got[n][i][:, :, 16:].any()
     assert got["seg"].shape == (2, 256) and got["seg"][:, :16].equal(cache["seg"]) and not got["seg"][:, 16:].any()
     assert got["len"] is cache["len"]
     ncfg = qwen3_next.SIZES["debug"]
     nc = qwen3_next.init_cache(ncfg, 2, 16, backend="torch")
     nc["k"].normal_()
     ng = generate._compiled_cache(nc, 256)
-    assert isinstance(ng["k"], torch.Tensor) and ng["k"].shape[2] == 256 and ng["k"][:, :, :16].equal(nc["k"])
+    assert isinstance(ng["k"], torch.Tensor) and ng["k"].shape[3] == 256 and ng["k"][:, :, :, :16].equal(nc["k"])
     assert ng["conv"] is nc["conv"] and ng["rec"] is nc["rec"]
