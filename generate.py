@@ -169,17 +169,12 @@ def decode_layout(model, cfg, params):
     batch 1), so a bf16 table is kept. The other weights keep their order (relaid and transposed back, the layer
     scan copied them: 47 against 7 ms in fp32). steps/generate take either layout; from Python, pass the result
     (and drop the original) to hold one copy."""
-    import weakref
     if not _is_torch(_float_leaf(params)):
         if not cfg.tie_word_embeddings or "embed" not in params or params["embed"].dtype != np.float32:
             return params
-        w = params["embed"]
-        hit = _LAYOUTS.get(id(w))
-        if hit is None or hit[0]() is not w:
-            import jax.numpy as jnp
-            hit = (weakref.ref(w, lambda _, k=id(w): _LAYOUTS.pop(k, None)), None, jnp.asarray(w.T, copy=True))
-            _LAYOUTS[id(w)] = hit
-        return {**{k: v for k, v in params.items() if k != "embed"}, "embed_t": hit[2]}
+        import jax.numpy as jnp
+        embed_t = _cached_copy(params["embed"], lambda w: jnp.asarray(w.T, copy=True))
+        return {**{k: v for k, v in params.items() if k != "embed"}, "embed_t": embed_t}
     table = model.param_table(cfg)
     out = _tree_map(lambda a: a, params)  # new dicts, same leaves
     for name, p in table.items():
@@ -193,14 +188,20 @@ def decode_layout(model, cfg, params):
         w = d[leaf]
         if w.permute(perm).is_contiguous():
             continue
-        hit = _LAYOUTS.get(id(w))
-        if hit is None or hit[0]() is not w or hit[1] != w._version:
-            inv = [perm.index(a) for a in range(w.ndim)]
-            hit = (weakref.ref(w, lambda _, k=id(w): _LAYOUTS.pop(k, None)), w._version,
-                   w.detach().permute(perm).contiguous().permute(inv))
-            _LAYOUTS[id(w)] = hit
-        d[leaf] = hit[2]
+        inv = [perm.index(a) for a in range(w.ndim)]
+        d[leaf] = _cached_copy(w, lambda w: w.detach().permute(perm).contiguous().permute(inv))
     return out
+
+
+def _cached_copy(w, make):
+    """make(w), cached per array until w is freed or (torch) changed in place (its _version moves)."""
+    import weakref
+    version = getattr(w, "_version", None)
+    hit = _LAYOUTS.get(id(w))
+    if hit is None or hit[0]() is not w or hit[1] != version:
+        hit = (weakref.ref(w, lambda _, k=id(w): _LAYOUTS.pop(k, None)), version, make(w))
+        _LAYOUTS[id(w)] = hit
+    return hit[2]
 
 
 def _from_layout(params):
