@@ -79,7 +79,7 @@ def our_runner(folder, backend, dtype):
     import generate
     model, cfg, params = convert.load_hf(folder, backend=backend.split("+")[0], dtype=dtype)
     compile = backend.endswith("+compile")
-    if backend == "jax" or compile:  # as generate.py does: only the decode layout's copy is kept
+    if generate.relays(backend.split("+")[0], dtype, compile):  # as generate.py does: only the relaid copy is kept
         params = generate.decode_layout(model, cfg, params)
 
     def run(prompts, n):

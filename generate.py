@@ -131,13 +131,42 @@ def _unembed(h, w):
     fastest at small B (2.2x at B = 8 on the 2-core machine of bench_generate.py); inside a compiled step at B = 1
     as a multiply-and-sum over E, which inductor turns into one vectorised pass over the table (48 GB/s against
     the GEMM's 27 GB/s in bf16 on that machine, 56 against 14 in fp32), accumulated in fp32 and rounded as the
-    GEMM's output is."""
-    if _is_torch(h) and w.ndim == 2 and w.stride(0) == 1 and w.shape[0] > 1:
+    GEMM's output is (to w's dtype: the compiled step hands a bf16 model's h over in fp32, see _Decoder)."""
+    if not _is_torch(h):
+        return h @ w
+    import torch
+    strided = w.ndim == 2 and w.stride(0) == 1 and w.shape[0] > 1
+    if strided and h.shape[0] == 1 and torch.compiler.is_compiling():
+        return (w.T[None] * h[:, None]).sum(-1, dtype=torch.float32).to(w.dtype)
+    h = h.to(w.dtype)
+    return (w.T @ h.T).T if strided else h @ w
+
+
+def _cpu_attention(reference):
+    """torch: the model's reference attention, except on a CPU in bf16/fp16, where its two GEMMs run in fp32 on the
+    same values, each result rounded where the reference rounds it (scores and output to the model dtype, softmax
+    in fp32). The CPU's own bf16 bmm is a slow fallback on CPUs without bf16 matmul units (the 2-core AVX2 machine
+    of bench_generate.py: 1.2 GFLOP/s bf16 against 103 fp32), and it rounds partial sums: over a decode step's
+    query and a 256-slot cache it was further from the fp32 result (max 0.0019) than fp32 GEMMs rounded once
+    (0.00097). Compiled, the bench model's 8 layers at batch 1 took 7.6 against 9.1 ms at 256 slots and 10.2
+    against 18.4 ms at 2,048 (min of 30, interleaved, on a day that machine read 20 GB/s)."""
+    def attention(q, k, v, mask):
         import torch
-        if h.shape[0] == 1 and torch.compiler.is_compiling():
-            return (w.T[None] * h[:, None]).sum(-1, dtype=torch.float32).to(h.dtype)
-        return (w.T @ h.T).T
-    return h @ w
+        if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
+            return reference(q, k, v, mask)
+        B, T, Hq, D = q.shape
+        S, Hkv = k.shape[1:3]
+        G = Hq // Hkv
+        # heads-major fp32 operands [B, Hkv, ., D] (a decode cache's k/v are views of such buffers): the bmm then
+        # reads each head's block contiguously; fp32 copies in the [B, S, Hkv, D] order made it copy them again
+        qh = q.reshape(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D).float()
+        kh, vh = (x.transpose(1, 2).float().contiguous() for x in (k, v))
+        s = (qh @ kh.transpose(-1, -2)).to(q.dtype).reshape(B, Hkv, G, T, S) * (D ** -0.5)
+        s = torch.where(mask[:, None, None], s.float(), -1e30)
+        p = torch.softmax(s, -1).to(q.dtype)
+        o = (p.float().reshape(B, Hkv, G * T, S) @ vh).to(q.dtype).reshape(B, Hkv, G, T, D)
+        return o.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D)
+    return attention
 
 
 _LAYOUTS = {}  # id(weight) -> (weakref to the weight, its _version when copied, the copy)
@@ -160,7 +189,8 @@ def decode_layout(model, cfg, params):
     order (an 8-layer SwiGLU stack of the bench_generate model in bf16: 45 against 17 GB/s). The attention output
     projection keeps its order (its reduction over heads x head_dim was slower relaid). Copies are cached per weight
     and redone after an in-place change; a weight already in that order is returned as is, so a caller that keeps
-    only the result (generate.py) holds one copy of the weights, and generate(compile=True) calls this itself.
+    only the result (generate.py) holds one copy of the weights, and steps/generate call this itself where
+    `relays` says so.
     JAX: a tied float32 embedding [V, E] is stored transposed, as "embed_t" [E, V] in place of "embed", and the
     decode programs take it back as embed_t.T (_from_layout), a transpose XLA folds into the unembedding's dot,
     which then streams the table in the order XLA:CPU's fp32 dot reads fastest (on the bench_generate machine: 10.4
@@ -191,6 +221,14 @@ def decode_layout(model, cfg, params):
         inv = [perm.index(a) for a in range(w.ndim)]
         d[leaf] = _cached_copy(w, lambda w: w.detach().permute(perm).contiguous().permute(inv))
     return out
+
+
+def relays(backend, dtype, compile=False):
+    """Whether a decode on `backend` in `dtype` runs on decode_layout's params: JAX, and torch compiled or in a
+    16-bit dtype. Eagerly the CPU's bf16 matvec over our [in, out] order is a slow loop ([1, 512] @ [512, 1536]:
+    1,133 us, against 105 us in nn.Linear's order, on the 2-core machine of bench_generate.py); in fp32 the two
+    orders were within noise (89 and 100 us), so eager fp32 keeps the caller's weights."""
+    return backend == "jax" or compile or dtype in ("bfloat16", "float16")
 
 
 def _cached_copy(w, make):
@@ -292,6 +330,8 @@ class _Decoder:
     def __init__(self, model, cfg, sampling, kernels, backend, compile=False):
         self.backend = backend
         greedy, top_k, top_p = sampling
+        if backend == "torch" and not (kernels and "attention" in kernels):
+            kernels = dict(kernels or {}, attention=_cpu_attention(model.attention))
         kw = {"kernels": kernels} if kernels else {}
 
         def prefill(params, cache, tokens, positions, segs, rng, temperature):
@@ -324,7 +364,10 @@ class _Decoder:
                     tokens = ids[:, None]
                     out = model.forward_hidden(params, tokens, cfg, cache,
                                                **dict(kw, positions=positions[:, None], segment_ids=tokens * 0 + 1))
-                    return out[0][:, -1], out[1]
+                    h = out[0][:, -1]
+                    # batch 1: h goes to the head in fp32 (exact), so the head's loop over the table converts
+                    # only the table's values, not h's again for each of its V rows
+                    return (h.float() if h.shape[0] == 1 else h), out[1]
 
                 def head(params, h, cache, rng, temperature):
                     logits = _unembed(h, model.lm_head(params, cfg))
@@ -427,7 +470,7 @@ def steps(model, cfg, params, prompts, max_new_tokens=32, temperature=0.0, top_k
     tokens, positions, segs = left_pad(prompts)
     B, T = tokens.shape
     S = T + max_new_tokens
-    if compile and backend == "torch":
+    if backend == "torch" and relays(backend, dtype, compile):
         params = decode_layout(model, cfg, params)
     cache = model.init_cache(cfg, B, S, dtype=dtype, backend=backend)
     next_pos = positions[:, -1] + 1
@@ -590,7 +633,7 @@ def _cli(hf, ckpt, prompt, chat, think, system, max_new_tokens, temperature, top
         raise convert.UserError(f"{os.path.join(folder, 'tokenizer.json')}: token id {max(ids)} is outside the "
                                 f"model's vocabulary ({cfg.vocab_size}); tokenizer and checkpoint do not match")
     eos = sorted(set(eos_ids_of(folder, tok)) | set(_ids(cfg.eos_token_id)))
-    if compile or backend == "jax":
+    if relays(backend, dtype, compile):
         params = decode_layout(model, cfg, params)  # keeps only the relaid copy: one copy of the weights in memory
     printer = _Printer(tok)
     stats = {}

@@ -437,3 +437,70 @@ def test_compiled_cache():
     ng = generate._compiled_cache(nc, 256)
     assert isinstance(ng["k"], torch.Tensor) and ng["k"].shape[3] == 256 and ng["k"][:, :, :, :16].equal(nc["k"])
     assert ng["conv"] is nc["conv"] and ng["rec"] is nc["rec"]
+
+
+def test_cpu_attention_bf16():
+    """generate._cpu_attention: in bf16 on a CPU, the reference attention with its two GEMMs in fp32 and each result
+    rounded where the reference rounds it (scores, probabilities, output): within one bf16 rounding of a float64
+    emulation of those roundings, on a heads-major cache view and on contiguous k/v (GQA, a mask with holes);
+    in fp32 it is the reference itself."""
+    import torch
+    import qwen3
+    attn = generate._cpu_attention(qwen3.attention)
+    g = torch.Generator().manual_seed(0)
+    B, T, Hq, Hkv, D, S = 2, 3, 4, 2, 16, 20
+    q = torch.randn(B, T, Hq, D, generator=g).bfloat16()
+    cache = torch.randn(2, B, Hkv, S, D, generator=g).bfloat16()  # heads-major k, v
+    mask = torch.rand(B, T, S, generator=g) > 0.3
+    mask[:, :, 0] = True
+
+    def emulated(q, k, v):
+        bf = torch.bfloat16
+        qg = q.double().reshape(B, T, Hkv, Hq // Hkv, D)
+        s = torch.einsum("btkgd,bskd->bkgts", qg, k.double()).to(bf) * (D ** -0.5)
+        s = torch.where(mask[:, None, None], s.float(), -1e30)
+        p = torch.softmax(s, -1).to(bf)
+        o = torch.einsum("bkgts,bskd->btkgd", p.double(), v.double()).to(bf)
+        return o.reshape(B, T, Hq, D).double()
+
+    for k, v in ((cache[0].transpose(1, 2), cache[1].transpose(1, 2)),
+                 (cache[0].transpose(1, 2).contiguous(), cache[1].transpose(1, 2).contiguous())):
+        got = attn(q, k, v, mask)
+        assert got.dtype == torch.bfloat16 and got.shape == (B, T, Hq, D)
+        want = emulated(q, k, v)
+        assert torch.allclose(got.double(), want, rtol=2 ** -7, atol=1e-6)
+        assert (got.double() == want).float().mean() > 0.9  # almost all bit-equal
+        ref = qwen3.attention(q, k, v, mask).double()  # the CPU's bf16 bmm: the same values up to its roundings
+        assert torch.allclose(got.double(), ref, rtol=0.05, atol=0.02)
+    q32, k32, v32 = q.float(), cache[0].transpose(1, 2).float(), cache[1].transpose(1, 2).float()
+    assert attn(q32, k32, v32, mask).equal(qwen3.attention(q32, k32, v32, mask))
+
+
+def test_torch_bf16_decode():
+    """A bf16 decode on torch (relaid projections, the fp32-GEMM attention; eager, and compiled at batch 1 with h
+    handed to the head in fp32): each step's logits within bf16 noise of the full forward of the same bf16 weights
+    in fp32, and the compiled step's within bf16 noise of the eager one's."""
+    import torch
+    import qwen3
+    cfg = qwen3.SIZES["debug"]
+    params = qwen3.init(cfg, backend="torch", seed=0, dtype="bfloat16")
+    assert generate.relays("torch", "bfloat16") and not generate.relays("torch", "float32")
+    n = 6
+    eager = list(generate.steps(qwen3, cfg, params, PROMPTS, max_new_tokens=n))
+    compiled = list(generate.steps(qwen3, cfg, params, PROMPTS[:1], max_new_tokens=n, compile=True))
+    new = np.stack([ids for ids, _ in eager], 1)
+    tokens, positions, segs = generate.left_pad([p + list(r) for p, r in zip(PROMPTS, new.tolist())])
+    p32 = generate._tree_map(lambda a: a.float(), params)
+    full, _ = qwen3.forward(p32, torch.as_tensor(tokens), cfg, positions=torch.as_tensor(positions),
+                            segment_ids=torch.as_tensor(segs))
+    full = to_np(full)
+    T = tokens.shape[1] - n
+    scale = np.abs(full).max()
+    assert scale > 0.1
+    for i, (ids, logits) in enumerate(eager):
+        err = np.abs(to_np(logits) - full[:, T - 1 + i]).max()
+        assert err < 0.03 * scale, (i, err, scale)
+    eager1 = list(generate.steps(qwen3, cfg, params, PROMPTS[:1], max_new_tokens=n))
+    for (ie, le), (ic, lc) in zip(eager1, compiled):
+        assert (ie == ic).all()
+        assert np.abs(to_np(lc) - to_np(le)).max() < 0.03 * scale
