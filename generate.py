@@ -143,30 +143,39 @@ def _unembed(h, w):
 
 
 def _cpu_attention(reference):
-    """torch: the model's reference attention, except on a CPU in bf16/fp16, where its two GEMMs run in fp32 on the
-    same values, each result rounded where the reference rounds it (scores and output to the model dtype, softmax
-    in fp32). The CPU's own bf16 bmm is a slow fallback on CPUs without bf16 matmul units (the 2-core AVX2 machine
-    of bench_generate.py: 1.2 GFLOP/s bf16 against 103 fp32), and it rounds partial sums: over a decode step's
-    query and a 256-slot cache it was further from the fp32 result (max 0.0019) than fp32 GEMMs rounded once
-    (0.00097). Compiled, the bench model's 8 layers at batch 1 took 7.6 against 9.1 ms at 256 slots and 10.2
-    against 18.4 ms at 2,048 (min of 30, interleaved, on a day that machine read 20 GB/s)."""
+    """torch: the model's reference attention, or _fp32_gemm_attention for bf16/fp16 on a CPU whose oneDNN has no
+    GEMM in that dtype (no AVX-512: the CPU's own bf16 bmm is then a slow fallback, 1.2 GFLOP/s against 103 in
+    fp32 on an AVX2 2-core EPYC)."""
+    import torch
+    slow = {torch.bfloat16: not torch.ops.mkldnn._is_mkldnn_bf16_supported(),  # asked here, outside any compile
+            torch.float16: not torch.ops.mkldnn._is_mkldnn_fp16_supported()}
+
     def attention(q, k, v, mask):
-        import torch
-        if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
-            return reference(q, k, v, mask)
-        B, T, Hq, D = q.shape
-        S, Hkv = k.shape[1:3]
-        G = Hq // Hkv
-        # heads-major fp32 operands [B, Hkv, ., D] (a decode cache's k/v are views of such buffers): the bmm then
-        # reads each head's block contiguously; fp32 copies in the [B, S, Hkv, D] order made it copy them again
-        qh = q.reshape(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D).float()
-        kh, vh = (x.transpose(1, 2).float().contiguous() for x in (k, v))
-        s = (qh @ kh.transpose(-1, -2)).to(q.dtype).reshape(B, Hkv, G, T, S) * (D ** -0.5)
-        s = torch.where(mask[:, None, None], s.float(), -1e30)
-        p = torch.softmax(s, -1).to(q.dtype)
-        o = (p.float().reshape(B, Hkv, G * T, S) @ vh).to(q.dtype).reshape(B, Hkv, G, T, D)
-        return o.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D)
+        if q.device.type == "cpu" and slow.get(q.dtype, False):
+            return _fp32_gemm_attention(q, k, v, mask)
+        return reference(q, k, v, mask)
     return attention
+
+
+def _fp32_gemm_attention(q, k, v, mask):
+    """The reference attention (GQA, mask, fp32 softmax) with its two GEMMs in fp32 on the same bf16/fp16 values,
+    each result rounded where the reference rounds it (scores, probabilities and output to q's dtype). Over a
+    decode step's query and a 256-slot cache it was closer to the fp32 result (max error 0.00097) than the CPU's
+    bf16 bmm (0.0019), which rounds partial sums. On the AVX2 machine, compiled, the bench_generate model's 8 layers
+    at batch 1 took 7.6 against 9.1 ms at 256 slots and 10.2 against 18.4 ms at 2,048 (min of 30, interleaved)."""
+    import torch
+    B, T, Hq, D = q.shape
+    S, Hkv = k.shape[1:3]
+    G = Hq // Hkv
+    # heads-major fp32 operands [B, Hkv, ., D] (a decode cache's k/v are views of such buffers): the bmm then reads
+    # each head's block contiguously; fp32 copies in the [B, S, Hkv, D] order made it copy them again
+    qh = q.reshape(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D).float()
+    kh, vh = (x.transpose(1, 2).float().contiguous() for x in (k, v))
+    s = (qh @ kh.transpose(-1, -2)).to(q.dtype).reshape(B, Hkv, G, T, S) * (D ** -0.5)
+    s = torch.where(mask[:, None, None], s.float(), -1e30)
+    p = torch.softmax(s, -1).to(q.dtype)
+    o = (p.float().reshape(B, Hkv, G * T, S) @ vh).to(q.dtype).reshape(B, Hkv, G, T, D)
+    return o.permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D)
 
 
 _LAYOUTS = {}  # id(weight) -> (weakref to the weight, its _version when copied, the copy)

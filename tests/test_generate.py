@@ -439,14 +439,14 @@ def test_compiled_cache():
     assert ng["conv"] is nc["conv"] and ng["rec"] is nc["rec"]
 
 
-def test_cpu_attention_bf16():
-    """generate._cpu_attention: in bf16 on a CPU, the reference attention with its two GEMMs in fp32 and each result
-    rounded where the reference rounds it (scores, probabilities, output): within one bf16 rounding of a float64
-    emulation of those roundings, on a heads-major cache view and on contiguous k/v (GQA, a mask with holes);
-    in fp32 it is the reference itself."""
+def test_fp32_gemm_attention_bf16():
+    """generate._fp32_gemm_attention: the reference attention with its two GEMMs in fp32 on bf16 values and each
+    result rounded where the reference rounds it (scores, probabilities, output): within one bf16 rounding of a
+    float64 emulation of those roundings, on a heads-major cache view and on contiguous k/v (GQA, a mask with holes).
+    _cpu_attention takes it for bf16 only where the CPU has no native bf16 GEMM; in fp32 it is the reference."""
     import torch
     import qwen3
-    attn = generate._cpu_attention(qwen3.attention)
+    attn = generate._fp32_gemm_attention
     g = torch.Generator().manual_seed(0)
     B, T, Hq, Hkv, D, S = 2, 3, 4, 2, 16, 20
     q = torch.randn(B, T, Hq, D, generator=g).bfloat16()
@@ -472,12 +472,16 @@ def test_cpu_attention_bf16():
         assert (got.double() == want).float().mean() > 0.9  # almost all bit-equal
         ref = qwen3.attention(q, k, v, mask).double()  # the CPU's bf16 bmm: the same values up to its roundings
         assert torch.allclose(got.double(), ref, rtol=0.05, atol=0.02)
-    q32, k32, v32 = q.float(), cache[0].transpose(1, 2).float(), cache[1].transpose(1, 2).float()
-    assert attn(q32, k32, v32, mask).equal(qwen3.attention(q32, k32, v32, mask))
+    dispatch = generate._cpu_attention(qwen3.attention)
+    k, v = cache[0].transpose(1, 2), cache[1].transpose(1, 2)
+    want = attn if not torch.ops.mkldnn._is_mkldnn_bf16_supported() else qwen3.attention
+    assert dispatch(q, k, v, mask).equal(want(q, k, v, mask))
+    q32, k32, v32 = q.float(), k.float(), v.float()
+    assert dispatch(q32, k32, v32, mask).equal(qwen3.attention(q32, k32, v32, mask))
 
 
 def test_torch_bf16_decode():
-    """A bf16 decode on torch (relaid projections, the fp32-GEMM attention; eager, and compiled at batch 1 with h
+    """A bf16 decode on torch (relaid projections, _cpu_attention; eager, and compiled at batch 1 with h
     handed to the head in fp32): each step's logits within bf16 noise of the full forward of the same bf16 weights
     in fp32, and the compiled step's within bf16 noise of the eager one's."""
     import torch
