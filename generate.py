@@ -143,19 +143,22 @@ def _unembed(h, w):
 
 
 def _cpu_attention(reference):
-    """torch, on a CPU: _fp32_gemm_attention for bf16/fp16 where oneDNN has no GEMM in that dtype (no AVX-512: the
-    CPU's own bf16 bmm is then a slow fallback, 1.2 GFLOP/s against 103 in fp32 on an AVX2 2-core EPYC); in fp32
-    over more than one query (the prefill), torch's SDPA with the boolean mask and GQA: the same math in another
-    summation order (within 6e-7 of the reference at 256 tokens), without the [B, Hkv, G, T, S] fp32 scores in
-    memory (the AVX2 machine: 2.1 against 3.9 ms a layer at 256 tokens, 29 against 158 ms at 1,024). Every query of
-    a prefill attends at least its own slot, so no row is fully masked (where SDPA would give NaN). Otherwise, and
-    on other devices, the model's reference."""
+    """torch, on a CPU: _fp32_gemm_attention for bf16/fp16 in a decode step (one query) on every CPU, and over more
+    queries (a prefill) where oneDNN has no GEMM in that dtype (no AVX-512: the CPU's own bf16 bmm is then a slow
+    fallback, 1.2 GFLOP/s against 103 in fp32 on an AVX2 2-core EPYC). A decode step's bf16 bmm is a small call that
+    costs more than its fp32 copies even where oneDNN runs bf16 on AMX (q.K^T of the bench_generate model at 256
+    slots: 60-72 us a call on a 2-core AMX Xeon; its compiled bf16 step at batch 1: 10.2 against 10.6-10.8 ms, and
+    the same within noise at 2,048 slots). In fp32 over more than one query, torch's SDPA with the boolean mask and
+    GQA: the same math in another summation order (within 6e-7 of the reference at 256 tokens), without the
+    [B, Hkv, G, T, S] fp32 scores in memory (the AVX2 machine: 2.1 against 3.9 ms a layer at 256 tokens, 29 against
+    158 ms at 1,024). Every query of a prefill attends at least its own slot, so no row is fully masked (where SDPA
+    would give NaN). Otherwise, and on other devices, the model's reference."""
     import torch
     slow = {torch.bfloat16: not torch.ops.mkldnn._is_mkldnn_bf16_supported(),  # asked here, outside any compile
             torch.float16: not torch.ops.mkldnn._is_mkldnn_fp16_supported()}
 
     def attention(q, k, v, mask):
-        if q.device.type == "cpu" and slow.get(q.dtype, False):
+        if q.device.type == "cpu" and q.dtype in slow and (q.shape[1] == 1 or slow[q.dtype]):
             return _fp32_gemm_attention(q, k, v, mask)
         if q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[1] > 1:
             o = torch.nn.functional.scaled_dot_product_attention(

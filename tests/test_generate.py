@@ -439,11 +439,12 @@ def test_compiled_cache():
     assert ng["conv"] is nc["conv"] and ng["rec"] is nc["rec"]
 
 
-def test_fp32_gemm_attention_bf16():
+def test_fp32_gemm_attention_bf16(monkeypatch):
     """generate._fp32_gemm_attention: the reference attention with its two GEMMs in fp32 on bf16 values and each
     result rounded where the reference rounds it (scores, probabilities, output): within one bf16 rounding of a
     float64 emulation of those roundings, on a heads-major cache view and on contiguous k/v (GQA, a mask with holes).
-    _cpu_attention takes it for bf16 only where the CPU has no native bf16 GEMM; in fp32 it takes SDPA over more
+    _cpu_attention takes it for a bf16 decode step (one query) always, over more queries only where the CPU has no
+    native bf16 GEMM; in fp32 it takes SDPA over more
     than one query (within 1e-6 of the reference) and the reference itself over one."""
     import torch
     import qwen3
@@ -475,8 +476,12 @@ def test_fp32_gemm_attention_bf16():
         assert torch.allclose(got.double(), ref, rtol=0.05, atol=0.02)
     dispatch = generate._cpu_attention(qwen3.attention)
     k, v = cache[0].transpose(1, 2), cache[1].transpose(1, 2)
+    taken = []
+    monkeypatch.setattr(generate, "_fp32_gemm_attention", lambda *a: taken.append(a[0].shape[1]) or attn(*a))
     want = attn if not torch.ops.mkldnn._is_mkldnn_bf16_supported() else qwen3.attention
-    assert dispatch(q, k, v, mask).equal(want(q, k, v, mask))
+    assert dispatch(q, k, v, mask).equal(want(q, k, v, mask))  # a prefill: by the CPU
+    assert dispatch(q[:, :1], k, v, mask[:, :1]).equal(attn(q[:, :1], k, v, mask[:, :1]))  # a decode step: always
+    assert taken == ([T] if want is attn else []) + [1], taken
     q32, k32, v32 = q.float(), k.float(), v.float()  # fp32: over T = 3 queries SDPA, over one the reference
     torch.testing.assert_close(dispatch(q32, k32, v32, mask), qwen3.attention(q32, k32, v32, mask), atol=1e-6,
                                rtol=1e-6)
