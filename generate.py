@@ -244,11 +244,20 @@ def decode_layout(model, cfg, params):
 
 
 def relays(backend, dtype, compile=False):
-    """Whether a decode on `backend` in `dtype` runs on decode_layout's params: JAX, and torch compiled or in a
-    16-bit dtype. Eagerly the CPU's bf16 matvec over our [in, out] order is a slow loop ([1, 512] @ [512, 1536]:
-    1,133 us, against 105 us in nn.Linear's order, on the 2-core machine of bench_generate.py); in fp32 the two
-    orders were within noise (89 and 100 us), so eager fp32 keeps the caller's weights."""
-    return backend == "jax" or compile or dtype in ("bfloat16", "float16")
+    """Whether a decode on `backend` in `dtype` runs on decode_layout's params: JAX; torch compiled; torch eager in a
+    16-bit dtype where oneDNN has no GEMM in it (no AVX-512). There the CPU's own bf16 matvec over our [in, out]
+    order is a slow loop ([1, 512] @ [512, 1536]: 1,133 us, against 105 us in nn.Linear's order, on the AVX2 2-core
+    EPYC of bench_generate.py); where oneDNN runs bf16 (AVX512-BF16, AMX) its bmm copies a weight in the relaid order
+    to a contiguous one on every call, so the caller's order is kept (the bench model's eager bf16 step on a 2-core
+    AMX Xeon: 19.7-20.4 ms kept, 35-37 ms relaid). In fp32 the two orders were within noise (89 and 100 us), so eager
+    fp32 keeps the caller's weights."""
+    if backend == "jax" or compile:
+        return True
+    if dtype not in ("bfloat16", "float16"):
+        return False
+    import torch
+    return not (torch.ops.mkldnn._is_mkldnn_bf16_supported() if dtype == "bfloat16"
+                else torch.ops.mkldnn._is_mkldnn_fp16_supported())
 
 
 def _cached_copy(w, make):

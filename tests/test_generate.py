@@ -489,16 +489,21 @@ def test_fp32_gemm_attention_bf16(monkeypatch):
 
 
 def test_torch_bf16_decode():
-    """A bf16 decode on torch (relaid projections, _cpu_attention; eager, and compiled at batch 1 with h
-    handed to the head in fp32): each step's logits within bf16 noise of the full forward of the same bf16 weights
+    """A bf16 decode on torch (_cpu_attention; eager on the caller's and on relaid projections, and compiled at
+    batch 1 with h handed to the head in fp32): each step's logits within bf16 noise of the full forward of the same bf16 weights
     in fp32, and the compiled step's within bf16 noise of the eager one's."""
     import torch
     import qwen3
     cfg = qwen3.SIZES["debug"]
     params = qwen3.init(cfg, backend="torch", seed=0, dtype="bfloat16")
-    assert generate.relays("torch", "bfloat16") and not generate.relays("torch", "float32")
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert generate.relays("torch", "bfloat16") == (not native) and generate.relays("torch", "bfloat16", True)
+    assert not generate.relays("torch", "float32")
     n = 6
     eager = list(generate.steps(qwen3, cfg, params, PROMPTS, max_new_tokens=n))
+    # the other layout too, whichever this CPU's eager decode takes (steps keeps an already relaid tree)
+    other = params if not native else generate.decode_layout(qwen3, cfg, params)
+    eager_other = list(generate.steps(qwen3, cfg, other, PROMPTS, max_new_tokens=n))
     compiled = list(generate.steps(qwen3, cfg, params, PROMPTS[:1], max_new_tokens=n, compile=True))
     new = np.stack([ids for ids, _ in eager], 1)
     tokens, positions, segs = generate.left_pad([p + list(r) for p, r in zip(PROMPTS, new.tolist())])
@@ -509,9 +514,10 @@ def test_torch_bf16_decode():
     T = tokens.shape[1] - n
     scale = np.abs(full).max()
     assert scale > 0.1
-    for i, (ids, logits) in enumerate(eager):
+    for i, ((ids, logits), (ids_o, logits_o)) in enumerate(zip(eager, eager_other)):
         err = np.abs(to_np(logits) - full[:, T - 1 + i]).max()
         assert err < 0.03 * scale, (i, err, scale)
+        assert np.abs(to_np(logits_o) - full[:, T - 1 + i]).max() < 0.03 * scale, i
     eager1 = list(generate.steps(qwen3, cfg, params, PROMPTS[:1], max_new_tokens=n))
     for (ie, le), (ic, lc) in zip(eager1, compiled):
         assert (ie == ic).all()
