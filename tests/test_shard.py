@@ -184,7 +184,6 @@ def torch_results(tmp_path_factory):
     return get
 
 
-@pytest.mark.xdist_group("torchrun")  # one 4-process gloo job at a time under pytest -n (.ci/run)
 @pytest.mark.parametrize("name", MODELS)
 def test_torch_sharded_equals_single_process(name, torch_results):
     """fsdp=4, fsdp=2,tp=2 (and fsdp=2,ep=2 for MoE) on 4 gloo processes: init, loss, gradients (DTensors placed like

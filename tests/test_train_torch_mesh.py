@@ -15,9 +15,6 @@ from conftest import ROOT
 import train
 
 torch = pytest.importorskip("torch")
-# one 4-process gloo job at a time under pytest -n (.ci/run: --dist loadgroup); two at once on 2 cores, a rank
-# aborted once ("terminate called without an active exception")
-pytestmark = pytest.mark.xdist_group("torchrun")
 TOL = 1e-5
 STEPS = 3
 # accum 2 (global batch 8 of micro-batches of 4), eval at steps 2 and 3
