@@ -25,6 +25,7 @@ Imports only numpy here; jax and torch are imported lazily.
 import contextlib
 import math
 import os
+import sys
 
 MESH_AXES = ("data", "fsdp", "tp", "ep")
 
@@ -432,6 +433,22 @@ def init_torch_distributed():
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), device
     return 0, 1, device
+
+
+def finish_torch_distributed():
+    """End a torchrun rank that is done: a barrier (every rank finished its collectives), the process groups
+    destroyed, stdout/stderr flushed, then os._exit(0) without the interpreter's finalization. There, gloo's C++
+    threads could still drop the last work objects, whose tensors hold Python references, while the interpreter is
+    shutting down, and a rank aborted with "terminate called without an active exception" after its work was done
+    (seen in CI's 4-rank gloo jobs on 2 cores, rarely). A no-op without torch.distributed."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def torch_mesh(sizes, device_type=None):

@@ -1596,10 +1596,9 @@ def _click_main():
         a = Args(**kw)
         try:
             run(a)
-            dist = sys.modules.get("torch.distributed")
-            if dist is not None and dist.is_initialized():  # a torchrun job: leave the process group cleanly,
-                dist.barrier()                                # once every rank is done with its collectives
-                dist.destroy_process_group()
+            if "torch.distributed" in sys.modules:  # a torchrun job: every rank leaves once all are done
+                import shard
+                shard.finish_torch_distributed()
         except Diverged as e:
             if _is_main():
                 print(f"error: {e}", file=sys.stderr)

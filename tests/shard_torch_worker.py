@@ -124,8 +124,8 @@ def main(name, out_path, specs):
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(res, f)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    shard.finish_torch_distributed()

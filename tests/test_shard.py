@@ -6,12 +6,12 @@ tests/shard_torch_worker.py under torchrun) and write JSON that the tests below 
 import importlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
+import launch
 import shard
 from shard_cfg import MESHES_JAX, MESHES_TORCH, kind, tiny_cfg
 
@@ -172,12 +172,8 @@ def torch_results(tmp_path_factory):
             pytest.importorskip("torch")
             out = tmp_path_factory.mktemp("shard_torch") / f"{name}.json"
             meshes = MESHES_TORCH[kind(_model(name))]
-            torchrun = shutil.which("torchrun")
-            cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-            r = subprocess.run([*cmd, "--standalone", "--nproc_per_node", "4",
-                                os.path.join(HERE, "shard_torch_worker.py"), name, str(out), *meshes],
-                               capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+            r = launch.torchrun(4, [os.path.join(HERE, "shard_torch_worker.py"), name, str(out), *meshes],
+                                timeout=900, retry_exit_abort=True)
             assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
             cache[name] = json.loads(out.read_text())
         return cache[name]

@@ -12,6 +12,7 @@ import sys
 import pytest
 from conftest import ROOT
 
+import launch
 import train
 
 torch = pytest.importorskip("torch")
@@ -36,11 +37,7 @@ def _records(path):
 
 def torchrun(n, kw, metrics):
     """train.py under torchrun on n local processes; the --metrics records of rank 0."""
-    exe = shutil.which("torchrun")
-    cmd = [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    r = subprocess.run([*cmd, "--standalone", "--nproc_per_node", str(n), "train.py", *_cli(kw), "--metrics",
-                        str(metrics)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    r = launch.torchrun(n, ["train.py", *_cli(kw), "--metrics", str(metrics)], timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     return _records(metrics)
 
