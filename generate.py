@@ -131,7 +131,12 @@ def _unembed(h, w):
     fastest at small B (2.2x at B = 8 on the 2-core machine of bench_generate.py); inside a compiled step at B = 1
     as a multiply-and-sum over E, which inductor turns into one vectorised pass over the table (48 GB/s against
     the GEMM's 27 GB/s in bf16 on that machine, 56 against 14 in fp32), accumulated in fp32 and rounded as the
-    GEMM's output is (to w's dtype: the compiled step hands a bf16 model's h over in fp32, see _Decoder)."""
+    GEMM's output is (to w's dtype: the compiled step hands a bf16 model's h over in fp32, see _Decoder).
+    fp32 at B > 1 on a CPU: oneDNN's GEMM on the table reordered into its blocked layout, made on first use and
+    cached while the table lives (one more copy of the head: V x E x 4 bytes, so batch-1 decodes never make it):
+    the CPU GEMMs run an fp32 matmul with 2-16 rows far below their peak, and on the plain table (MKL, or oneDNN
+    unpacked) they took 22.9-23.1 and 19.4-19.8 ms at B = 8 for the bench model's 311 MB table, packed 15.0-15.2 ms
+    (12.4 against 26.2 ms at B = 2; the table's read alone, at the machine's 25 GB/s, is 12.2 ms)."""
     if not _is_torch(h):
         return h @ w
     import torch
@@ -139,7 +144,17 @@ def _unembed(h, w):
     if strided and h.shape[0] == 1 and torch.compiler.is_compiling():
         return (w.T[None] * h[:, None]).sum(-1, dtype=torch.float32).to(w.dtype)
     h = h.to(w.dtype)
+    if h.shape[0] > 1 and w.dtype == torch.float32 and w.device.type == "cpu" and _ONEDNN_LINEAR[0]:
+        try:
+            packed = _cached_copy(w if w._base is None else w._base,
+                                  lambda _: torch.ops.mkldnn._reorder_linear_weight(w.T.contiguous()))
+            return torch.ops.mkldnn._linear_pointwise(h.contiguous(), packed, None, "none", [], "")
+        except (RuntimeError, AttributeError, NotImplementedError):  # a build without oneDNN: MKL from now on
+            _ONEDNN_LINEAR[0] = False
     return (w.T @ h.T).T if strided else h @ w
+
+
+_ONEDNN_LINEAR = [True]
 
 
 def _cpu_attention(reference):
@@ -244,17 +259,15 @@ def decode_layout(model, cfg, params):
 
 
 def relays(backend, dtype, compile=False):
-    """Whether a decode on `backend` in `dtype` runs on decode_layout's params: JAX; torch compiled; torch eager in a
-    16-bit dtype where oneDNN has no GEMM in it (no AVX-512). There the CPU's own bf16 matvec over our [in, out]
-    order is a slow loop ([1, 512] @ [512, 1536]: 1,133 us, against 105 us in nn.Linear's order, on the AVX2 2-core
-    EPYC of bench_generate.py); where oneDNN runs bf16 (AVX512-BF16, AMX) its bmm copies a weight in the relaid order
-    to a contiguous one on every call, so the caller's order is kept (the bench model's eager bf16 step on a 2-core
-    AMX Xeon: 19.7-20.4 ms kept, 35-37 ms relaid). In fp32 the two orders were within noise (89 and 100 us), so eager
-    fp32 keeps the caller's weights."""
-    if backend == "jax" or compile:
+    """Whether a decode on `backend` in `dtype` runs on decode_layout's params: always, except torch eager in a
+    16-bit dtype where oneDNN has a GEMM in it (AVX512-BF16, AMX): there its bmm copies a weight in the relaid order
+    to a contiguous one on every call (the bench model's eager bf16 step on a 2-core AMX Xeon: 19.7-20.4 ms in the
+    caller's order, 35-37 ms relaid). Without it (AVX2) the CPU's own bf16 matvec over our [in, out] order is a slow
+    loop ([1, 512] @ [512, 1536]: 1,133 us, against 105 us in nn.Linear's order, on a 2-core EPYC). Eager fp32: the
+    MKL GEMMs at batch 8 are faster in nn.Linear's order (the bench model's step on the AMX Xeon: 28.4 against 30.2
+    ms) and the same at batch 1 (20.4-20.5 against 20.5-21.1 ms)."""
+    if backend == "jax" or compile or dtype not in ("bfloat16", "float16"):
         return True
-    if dtype not in ("bfloat16", "float16"):
-        return False
     import torch
     return not (torch.ops.mkldnn._is_mkldnn_bf16_supported() if dtype == "bfloat16"
                 else torch.ops.mkldnn._is_mkldnn_fp16_supported())
@@ -293,6 +306,23 @@ def _argmax_jax(x, chunk=128):
     c = jnp.argmax(jnp.where(jnp.isnan(blocks), jnp.inf, blocks).max(-1), -1)  # the CPU max may drop NaN
     inside = jnp.take_along_axis(blocks, c[:, None, None], 1)[:, 0]
     return (c * chunk + jnp.argmax(inside, -1)).astype(jnp.int32)
+
+
+def _argmax_torch(x, chunk=128):
+    """torch.argmax(x, -1) of [B, V] the way _argmax_jax takes it, block maxima first: the same index (ties to
+    the first; NaN is the largest, as amax propagates it), but torch's CPU argmax read the [8, 151936] fp32 logits
+    of bench_generate in 0.96 ms and this in 0.14 ms (0.21 against 0.03 ms at B = 1). Inside a compiled program
+    inductor's own argmax is kept."""
+    import torch
+    if torch.compiler.is_compiling() or x.shape[-1] < 2 * chunk:
+        return torch.argmax(x, -1)
+    B, V = x.shape
+    n = -(-V // chunk)
+    if n * chunk != V:
+        x = torch.nn.functional.pad(x, (0, n * chunk - V), value=-float("inf"))
+    blocks = x.reshape(B, n, chunk)
+    c = torch.argmax(blocks.amax(-1), -1)
+    return c * chunk + torch.argmax(blocks[torch.arange(B, device=x.device), c], -1)
 
 
 def filter_logits(logits, top_k=None, top_p=None):
@@ -336,7 +366,7 @@ def _sample(logits, rng, temperature, top_k, top_p):
     if _is_torch(logits):
         import torch
         if _greedy(temperature, top_k):
-            return torch.argmax(logits, -1)
+            return _argmax_torch(logits)
         probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), -1)
         return torch.multinomial(probs, 1, generator=rng)[:, 0]
     import jax

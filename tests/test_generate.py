@@ -164,12 +164,9 @@ def test_jax_decode_layout_tied(arch, tmp_path):
     assert generate.decode_layout(model, cfg, bf16) is bf16  # bf16: [V, E] is XLA's fast order
 
 
-def test_jax_argmax_and_categorical():
-    """The JAX sampler's blocked argmax equals jnp.argmax (ties to the first index, across and inside blocks, a
-    vocabulary that is not a multiple of the block, all -inf, NaN after a larger number), and its categorical draw is
-    jax.random.categorical's for the same key."""
-    import jax
-    import jax.numpy as jnp
+def _argmax_cases():
+    """(logits [6, V], the argmax of rows 1-5) for vocabularies that are and are not multiples of the block: ties
+    to the first index across and inside blocks, all -inf, NaN after a larger number (argmax takes the first NaN)."""
     rng = np.random.default_rng(0)
     for V in (151936, 1000, 100):
         x = rng.standard_normal((6, V)).astype(np.float32)
@@ -179,9 +176,27 @@ def test_jax_argmax_and_categorical():
         x[4, [V // 3, V - 1]] = np.nan  # in later blocks than a larger number: argmax takes the first NaN
         x[4, 2] = 60.0
         x[5, V - 1] = 50.0
+        yield x, [3, V - 2, 0, V // 3, V - 1]
+
+
+def test_torch_argmax():
+    """The torch sampler's blocked argmax equals torch.argmax on every case of _argmax_cases."""
+    torch = pytest.importorskip("torch")
+    for x, want in _argmax_cases():
+        got = generate._argmax_torch(torch.as_tensor(x))
+        assert torch.equal(got, torch.argmax(torch.as_tensor(x), -1)) and got.tolist()[1:] == want
+
+
+def test_jax_argmax_and_categorical():
+    """The JAX sampler's blocked argmax equals jnp.argmax on every case of _argmax_cases, and its categorical draw
+    is jax.random.categorical's for the same key."""
+    import jax
+    import jax.numpy as jnp
+    rng = np.random.default_rng(0)
+    for x, want in _argmax_cases():
         got = np.asarray(jax.jit(generate._argmax_jax)(jnp.asarray(x)))
         np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), -1)))
-        assert got.tolist()[1:] == [3, V - 2, 0, V // 3, V - 1]
+        assert got.tolist()[1:] == want
     logits = jnp.asarray(rng.standard_normal((4, 1000)).astype(np.float32))
     for seed in range(5):
         key = jax.random.PRNGKey(seed)
@@ -439,6 +454,36 @@ def test_compiled_cache():
     assert ng["conv"] is nc["conv"] and ng["rec"] is nc["rec"]
 
 
+def test_unembed_torch_paths(monkeypatch):
+    """generate._unembed on a tied table's [E, V] view and on an untied [E, V] head: at batch > 1 in fp32 oneDNN's
+    GEMM on the table reordered once (cached while the table lives and made again after an in-place change; where
+    the build has no oneDNN, and after it fails once, MKL's), within 1e-5 of the float64 product; at batch 1 and in
+    bf16 the CPU GEMM as before, with no reordered copy made."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(1000, 64, generator=g)
+    untied = torch.randn(64, 1000, generator=g)
+    for w in (table.T, untied):
+        want = lambda h: (h.double() @ w.double()).float()  # noqa: E731
+        key = w if w._base is None else w._base
+        for B in (1, 8):
+            h = torch.randn(B, 64, generator=g)
+            assert torch.allclose(generate._unembed(h, w), want(h), atol=1e-5)
+            cached = generate._LAYOUTS.get(id(key))
+            assert (cached is not None and cached[0]() is key) == (B > 1 and torch.backends.mkldnn.is_available())
+        assert generate._ONEDNN_LINEAR[0] == torch.backends.mkldnn.is_available()
+        key.mul_(2.0)  # changed in place: reordered again
+        assert torch.allclose(generate._unembed(h, w), want(h), atol=1e-5)
+    monkeypatch.setattr(generate, "_ONEDNN_LINEAR", [True])
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: (_ for _ in ()).throw(RuntimeError("x")),
+                        raising=False)
+    fallback = generate._unembed(h, table.T)  # MKL, and it sticks
+    assert torch.allclose(fallback, (h.double() @ table.double().T).float(), atol=1e-5)
+    assert generate._ONEDNN_LINEAR == [False]
+    hb, tb = h.bfloat16(), table.bfloat16()
+    assert generate._unembed(hb, tb.T).equal((tb @ hb.T).T)
+
+
 def test_fp32_gemm_attention_bf16(monkeypatch):
     """generate._fp32_gemm_attention: the reference attention with its two GEMMs in fp32 on bf16 values and each
     result rounded where the reference rounds it (scores, probabilities, output): within one bf16 rounding of a
@@ -498,7 +543,7 @@ def test_torch_bf16_decode():
     params = qwen3.init(cfg, backend="torch", seed=0, dtype="bfloat16")
     native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert generate.relays("torch", "bfloat16") == (not native) and generate.relays("torch", "bfloat16", True)
-    assert not generate.relays("torch", "float32")
+    assert generate.relays("torch", "float32")
     n = 6
     eager = list(generate.steps(qwen3, cfg, params, PROMPTS, max_new_tokens=n))
     # the other layout too, whichever this CPU's eager decode takes (steps keeps an already relaid tree)
