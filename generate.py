@@ -136,7 +136,7 @@ def _unembed(h, w):
     cached while the table lives (one more copy of the head: V x E x 4 bytes, so batch-1 decodes never make it):
     the CPU GEMMs run an fp32 matmul with 2-16 rows far below their peak, and on the plain table (MKL, or oneDNN
     unpacked) they took 22.9-23.1 and 19.4-19.8 ms at B = 8 for the bench model's 311 MB table, packed 15.0-15.2 ms
-    (12.4 against 26.2 ms at B = 2; the table's read alone, at the machine's 25 GB/s, is 12.2 ms)."""
+    (12.4 against 26.2 ms at B = 2; a batch-1 pass over the table takes 11.3-11.7 ms)."""
     if not _is_torch(h):
         return h @ w
     import torch
@@ -311,7 +311,7 @@ def _argmax_jax(x, chunk=128):
 def _argmax_torch(x, chunk=128):
     """torch.argmax(x, -1) of [B, V] the way _argmax_jax takes it, block maxima first: the same index (ties to
     the first; NaN is the largest, as amax propagates it), but torch's CPU argmax read the [8, 151936] fp32 logits
-    of bench_generate in 0.96 ms and this in 0.14 ms (0.21 against 0.03 ms at B = 1). Inside a compiled program
+    of bench_generate in 0.85 ms and this in 0.13 ms (0.21 against 0.03 ms at B = 1). Inside a compiled program
     inductor's own argmax is kept."""
     import torch
     if torch.compiler.is_compiling() or x.shape[-1] < 2 * chunk:
