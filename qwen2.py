@@ -405,6 +405,15 @@ def make_mask(q_pos, k_pos, q_seg, k_seg):
     return causal[None] & (q_seg[:, :, None] == k_seg[:, None, :])
 
 
+# same as qwen3.out_proj
+def out_proj(o, w):
+    """o [B, T, H, D] @ w [H, D, E], contracted as one [H*D, E] matrix: generate.decode_layout stores w in
+    nn.Linear's [E, H*D] order, and a compiled decode step then reduces each output over contiguous memory (summed
+    over (h, d) as two axes, inductor's CPU loop was slower in that order than in this one's)."""
+    xp = shim(o)
+    return xp.np.einsum("btf,fe->bte", o.reshape(*o.shape[:2], -1), w.reshape(-1, w.shape[-1]))
+
+
 # same as qwen3.mlp
 def mlp(x, w_gate, w_up, w_down):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
@@ -434,7 +443,7 @@ def layer(h, lp, cos, sin, mask, cache, slot, cfg, kernels):
                  "v": xp.update_slice(cache["v"], xp.np.swapaxes(v, 1, 2), slot, 2)}
         k, v = xp.np.swapaxes(cache["k"], 1, 2), xp.np.swapaxes(cache["v"], 1, 2)
     o = attn(q, k, v, mask)
-    h = h + xp.np.einsum("bthd,hde->bte", o, lp["wo"])
+    h = h + out_proj(o, lp["wo"])
     h = h + mlp(norm(h, lp["mlp_norm"], cfg.rms_norm_eps), lp["w_gate"], lp["w_up"], lp["w_down"])
     return h, cache
 

@@ -390,6 +390,14 @@ def make_mask(q_pos, k_pos, q_seg, k_seg):
     return causal[None] & (q_seg[:, :, None] == k_seg[:, None, :])
 
 
+def out_proj(o, w):
+    """o [B, T, H, D] @ w [H, D, E], contracted as one [H*D, E] matrix: generate.decode_layout stores w in
+    nn.Linear's [E, H*D] order, and a compiled decode step then reduces each output over contiguous memory (summed
+    over (h, d) as two axes, inductor's CPU loop was slower in that order than in this one's)."""
+    xp = shim(o)
+    return xp.np.einsum("btf,fe->bte", o.reshape(*o.shape[:2], -1), w.reshape(-1, w.shape[-1]))
+
+
 def mlp(x, w_gate, w_up, w_down):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
     xp = shim(x)
@@ -419,7 +427,7 @@ def layer(h, lp, cos, sin, mask, cache, slot, cfg, kernels):
                  "v": xp.update_slice(cache["v"], xp.np.swapaxes(v, 1, 2), slot, 2)}
         k, v = xp.np.swapaxes(cache["k"], 1, 2), xp.np.swapaxes(cache["v"], 1, 2)
     o = attn(q, k, v, mask)
-    o = xp.np.einsum("bthd,hde->bte", o, lp["wo"])
+    o = out_proj(o, lp["wo"])
     if cfg.attention_bias:
         o = o + lp["bo"]
     h = h + o

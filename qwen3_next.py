@@ -649,6 +649,15 @@ def make_mask(q_pos, k_pos, q_seg, k_seg):  # same as qwen3.make_mask
     return causal[None] & (q_seg[:, :, None] == k_seg[:, None, :])
 
 
+# same as qwen3.out_proj
+def out_proj(o, w):
+    """o [B, T, H, D] @ w [H, D, E], contracted as one [H*D, E] matrix: generate.decode_layout stores w in
+    nn.Linear's [E, H*D] order, and a compiled decode step then reduces each output over contiguous memory (summed
+    over (h, d) as two axes, inductor's CPU loop was slower in that order than in this one's)."""
+    xp = shim(o)
+    return xp.np.einsum("btf,fe->bte", o.reshape(*o.shape[:2], -1), w.reshape(-1, w.shape[-1]))
+
+
 def mlp(x, w_gate, w_up, w_down):
     """SwiGLU on rows x [N, E]: down(silu(gate(x)) * up(x))."""
     xp = shim(x)
@@ -816,7 +825,7 @@ def linear_attention(x, lp, cfg, kernels, cache, ctx):
         o, state = core(q, k, v, g, beta, initial_state=state, output_final_state=cache is not None,
                         use_qk_l2norm_in_kernel=True, chunk_size=cfg.chunk_size, segment_ids=ctx["seg"])
     y = gated_rms_norm(o, z, lp["gnorm"], cfg.rms_norm_eps)
-    out = xp.np.einsum("bthd,hde->bte", y, lp["wo"])
+    out = out_proj(y, lp["wo"])
     if cache is not None:
         cache = {"conv": xp.store(cache["conv"], conv_state), "rec": xp.store(cache["rec"], state)}
     return out, cache
@@ -842,7 +851,7 @@ def full_attention(x, lp, cfg, kernels, cache, ctx):
                  "v": xp.update_slice(cache["v"], xp.np.swapaxes(v, 1, 2), ctx["start"], 2)}
         k, v = xp.np.swapaxes(cache["k"], 1, 2), xp.np.swapaxes(cache["v"], 1, 2)
     o = kernels.get("attention", attention)(q, k, v, ctx["mask"]) * xp.sigmoid(gate)
-    o = xp.np.einsum("bthd,hde->bte", o, lp["wo"])
+    o = out_proj(o, lp["wo"])
     if cfg.attention_bias:
         o = o + lp["bo"]
     return o, cache

@@ -110,8 +110,8 @@ def test_torch_compiled_decode_equals_transformers(arch, hf_folders):
 
 
 def test_decode_layout():
-    """decode_layout: the same values and shapes, dense projections stored input-axis-last (wo and the norms as
-    they were), copies cached per weight, redone after an in-place change, and an already relaid tree kept."""
+    """decode_layout: the same values and shapes, dense projections stored input-axes-last (the norms as they
+    were), copies cached per weight, redone after an in-place change, and an already relaid tree kept."""
     import torch
     import qwen3
     cfg = qwen3.SIZES["debug"]
@@ -120,11 +120,13 @@ def test_decode_layout():
     lay, got = params["layers"], out["layers"]
     for k in lay:
         assert got[k].shape == lay[k].shape and torch.equal(got[k], lay[k]), k
-    for k in ("wq", "wk", "wv", "w_gate", "w_up", "w_down"):
-        w = got[k]
-        assert w.permute([0] + list(range(2, w.ndim)) + [1]).is_contiguous(), k
-        assert not lay[k].permute([0] + list(range(2, w.ndim)) + [1]).is_contiguous(), k
-    assert got["wo"] is lay["wo"] and got["attn_norm"] is lay["attn_norm"] and out["embed"] is params["embed"]
+    orders = {k: ([0, 2, 1] if k.startswith("w_") else [0, 2, 3, 1])
+              for k in ("wq", "wk", "wv", "w_gate", "w_up", "w_down")}
+    orders["wo"] = [0, 3, 1, 2]  # [L, H, D, E] stored [L, E, H, D]: out_proj's [E, H*D] matrix, input last
+    for k, order in orders.items():
+        assert got[k].permute(order).is_contiguous(), k
+        assert not lay[k].permute(order).is_contiguous(), k
+    assert got["attn_norm"] is lay["attn_norm"] and out["embed"] is params["embed"]
     again = generate.decode_layout(qwen3, cfg, params)
     assert again["layers"]["w_gate"] is got["w_gate"]  # cached
     kept = generate.decode_layout(qwen3, cfg, out)
@@ -133,6 +135,31 @@ def test_decode_layout():
         lay["w_up"].mul_(2.0)
     fresh = generate.decode_layout(qwen3, cfg, params)["layers"]["w_up"]
     assert torch.equal(fresh, lay["w_up"]) and not torch.equal(fresh, got["w_up"])
+    ids = torch.tensor([[1, 2, 3]])
+    ref = qwen3.forward(params, ids, cfg)[0]
+    np.testing.assert_allclose(qwen3.forward(generate.decode_layout(qwen3, cfg, params), ids, cfg)[0].numpy(),
+                               ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_huge_page_copy():
+    """_huge_page_copy: a contiguous copy with the same values that outlives its source; 2 MiB and up on Linux, in
+    a mapping aligned to 2 MiB (the unit of a transparent huge page); smaller tensors as a plain contiguous()."""
+    import mmap
+    import sys
+    import torch
+    x = torch.randn(1024, 1024).t()  # 4 MiB, not contiguous
+    y = generate._huge_page_copy(x)
+    assert y.is_contiguous() and y.shape == x.shape and torch.equal(y, x)
+    if sys.platform == "linux" and hasattr(mmap, "MADV_HUGEPAGE"):
+        assert y.data_ptr() % (1 << 21) == 0
+    expect = x.clone()
+    del x
+    assert torch.equal(y, expect)
+    small = torch.randn(64, 32).t()
+    z = generate._huge_page_copy(small)
+    assert z.is_contiguous() and torch.equal(z, small)
+    b = torch.randn(2048, 1024).to(torch.bfloat16).t()
+    assert torch.equal(generate._huge_page_copy(b), b) and generate._huge_page_copy(b).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3_next"])
