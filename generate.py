@@ -442,7 +442,16 @@ class _Decoder:
             if hasattr(model, "forward_hidden") and hasattr(model, "lm_head"):
                 # two programs, layers then unembedding + sampling: in one, inductor inlines the final norm into
                 # the unembedding's loop and recomputes it for each of the V rows (1.1 ms of a 5.9 ms unembedding
-                # in bf16 on the bench machine)
+                # in bf16 on the bench machine); one that also returns h keeps it in a buffer and saved a guard
+                # check and a call per token (10.55 against 10.71 ms, interleaved A/B), but a program has one
+                # rounding setting, and with the head's (below) its layer kernels took twice as long (the step
+                # 14-15 ms against 10.1).
+                # The head rounds its logits to the model's dtype as the eager step and transformers do: inductor
+                # otherwise drops a fused bf16/fp16 round trip, and the compiled bf16 head returned and argmaxed the
+                # unrounded fp32 sums (up to 0.24 off the eager logits on a debug model), so a near-tie could pick
+                # another id than transformers (emulate_precision_casts; the bench model's bf16 step, interleaved
+                # A/B medians: 10.92 against 10.84 ms). The layers are left to inductor's precision: emulated there,
+                # their kernels took 14-15 ms a step against 10.1
                 def layers(params, cache, ids, positions):
                     tokens = ids[:, None]
                     out = model.forward_hidden(params, tokens, cfg, cache,
@@ -457,7 +466,8 @@ class _Decoder:
                     return self._pick(logits, cache, rng, 0.0 if greedy else temperature, top_k, top_p)
                 # the head is compiled at batch 1 only: at B > 1 inductor rewrites (table @ h.T).T back into
                 # h @ table.T, the order the CPU GEMM streams 2.2x slower (34 against 15 ms at B = 8 in fp32)
-                layers, head1 = torch.compile(layers, dynamic=False), torch.compile(head, dynamic=False)
+                layers = torch.compile(layers, dynamic=False)
+                head1 = torch.compile(head, dynamic=False, options=dict(_ROUNDING))
                 self.step = torch.no_grad()(lambda params, cache, ids, positions, rng, temperature: (
                     head1 if ids.shape[0] == 1 else head)(params, *layers(params, cache, ids, positions), rng,
                                                            temperature))
@@ -476,6 +486,7 @@ class _Decoder:
         return _sample(logits, rng, temperature, top_k, top_p), logits, cache, rng
 
 
+_ROUNDING = {"emulate_precision_casts": True}  # inductor's options for the compiled batch-1 head
 _DECODERS = {}
 
 

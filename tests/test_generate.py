@@ -563,7 +563,7 @@ def test_fp32_gemm_attention_bf16(monkeypatch):
 def test_torch_bf16_decode():
     """A bf16 decode on torch (_cpu_attention; eager on the caller's and on relaid projections, and compiled at
     batch 1 with h handed to the head in fp32): each step's logits within bf16 noise of the full forward of the same bf16 weights
-    in fp32, and the compiled step's within bf16 noise of the eager one's."""
+    in fp32, and the compiled step's within bf16 noise of the eager one's and, as those, bf16 values."""
     import torch
     import qwen3
     cfg = qwen3.SIZES["debug"]
@@ -594,3 +594,5 @@ def test_torch_bf16_decode():
     for (ie, le), (ic, lc) in zip(eager1, compiled):
         assert (ie == ic).all()
         assert np.abs(to_np(lc) - to_np(le)).max() < 0.03 * scale
+        # the logits are the model's bf16 values, rounded as eager rounds them (not inductor's unrounded fp32 sums)
+        assert lc.equal(lc.bfloat16().float()) and le.equal(le.bfloat16().float())
