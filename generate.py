@@ -257,8 +257,11 @@ def _huge_page_copy(x):
     nbytes, huge = x.numel() * x.element_size(), 1 << 21
     if x.device.type != "cpu" or nbytes < huge or not hasattr(mmap, "MADV_HUGEPAGE"):
         return x.contiguous()
-    m = mmap.mmap(-1, nbytes + huge)
-    m.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        m = mmap.mmap(-1, nbytes + huge)
+        m.madvise(mmap.MADV_HUGEPAGE)  # EINVAL on a kernel built without transparent huge pages
+    except OSError:
+        return x.contiguous()
     buf = torch.frombuffer(m, dtype=torch.uint8)  # the tensor keeps the mapping alive
     off = -buf.data_ptr() % huge
     return buf[off:off + nbytes].view(x.dtype).view(x.shape).copy_(x)
