@@ -612,6 +612,17 @@ def test_torch_bf16_decode():
         # the logits are the model's bf16 values, rounded as eager rounds them (not inductor's unrounded fp32 sums)
         assert lc.equal(lc.bfloat16().float()) and le.equal(le.bfloat16().float())
 
+    # the head's options: rounding emulated, FMA contraction on where this torch has the switch (torch 2.13 does),
+    # and accepted by torch.compile (an unknown key would raise here, not in a user's first decode)
+    import torch._inductor.config as icfg
+    opts = generate._head_options()
+    assert opts["emulate_precision_casts"] is True
+    assert opts.get("cpp.enable_floating_point_contract_flag") == (
+        "fast" if hasattr(icfg.cpp, "enable_floating_point_contract_flag") else None)
+    f = torch.compile(lambda a, b: (a * b).sum(-1), dynamic=False, options=opts)
+    a, b = torch.randn(3, 8), torch.randn(3, 8)
+    assert torch.allclose(f(a, b), (a * b).sum(-1), atol=1e-5)
+
 
 def test_jax_cpu_attention():
     """generate._jax_cpu_attention: over more than one query, the reference attention (GQA, a mask with holes,
