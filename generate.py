@@ -484,10 +484,11 @@ class _Decoder:
                 # another id than transformers (emulate_precision_casts; the bench model's bf16 step, interleaved
                 # A/B medians: 10.92 against 10.84 ms). The layers are left to inductor's precision: emulated there,
                 # their kernels took 14-15 ms a step against 10.1.
-                # The head's C++ is also built with multiply-adds contracted to FMAs (-ffp-contract=fast): its dot
-                # products skip the rounding of each product, and the bench model's bf16 step, interleaved A/B (medians of 8
-                # rounds, 64 steps each), took 10.27 against 10.73 ms; a hand-written AVX-512 matvec in its place
-                # ran 10.40 in the same A/B, so the head stays inductor's
+                # Both programs' C++ is built with multiply-adds contracted to FMAs (-ffp-contract=fast): a dot
+                # product then skips the rounding of each product. The bench model's bf16 step, interleaved A/B
+                # (medians of 8-10 rounds of 64 steps): FMAs in the head 10.27 against 10.73 ms (a hand-written
+                # AVX-512 matvec as the head ran 10.40 in the same A/B, so the head stays inductor's), and in the
+                # layers as well 10.27 against 10.37 and 10.24 against 10.40
                 def layers(params, cache, ids, positions):
                     tokens = ids[:, None]
                     out = model.forward_hidden(params, tokens, cfg, cache,
@@ -502,7 +503,7 @@ class _Decoder:
                     return self._pick(logits, cache, rng, 0.0 if greedy else temperature, top_k, top_p)
                 # the head is compiled at batch 1 only: at B > 1 inductor rewrites (table @ h.T).T back into
                 # h @ table.T, the order the CPU GEMM streams 2.2x slower (34 against 15 ms at B = 8 in fp32)
-                layers = torch.compile(layers, dynamic=False)
+                layers = torch.compile(layers, dynamic=False, options=_fma_options())
                 head1 = torch.compile(head, dynamic=False, options=_head_options())
                 self.step = torch.no_grad()(lambda params, cache, ids, positions, rng, temperature: (
                     head1 if ids.shape[0] == 1 else head)(params, *layers(params, cache, ids, positions), rng,
@@ -522,14 +523,18 @@ class _Decoder:
         return _sample(logits, rng, temperature, top_k, top_p), logits, cache, rng
 
 
-def _head_options():
-    """inductor's options for the compiled batch-1 head (see _Decoder): logits rounded to the model's dtype, and
-    FMA contraction where this torch has the switch."""
+def _fma_options():
+    """inductor's options for a compiled decode program's C++ (see _Decoder): multiply-adds contracted to FMAs
+    (-ffp-contract=fast), where this torch has the switch."""
     import torch._inductor.config as icfg
-    opts = {"emulate_precision_casts": True}
     if hasattr(getattr(icfg, "cpp", None), "enable_floating_point_contract_flag"):
-        opts["cpp.enable_floating_point_contract_flag"] = "fast"
-    return opts
+        return {"cpp.enable_floating_point_contract_flag": "fast"}
+    return {}
+
+
+def _head_options():
+    """inductor's options for the compiled batch-1 head (see _Decoder): logits rounded to the model's dtype, FMAs."""
+    return {"emulate_precision_casts": True, **_fma_options()}
 
 
 _DECODERS = {}
