@@ -619,6 +619,7 @@ def test_torch_bf16_decode():
     assert opts["emulate_precision_casts"] is True
     assert opts.get("cpp.enable_floating_point_contract_flag") == (
         "fast" if hasattr(icfg.cpp, "enable_floating_point_contract_flag") else None)
+    assert generate._fma_options().items() <= opts.items()  # the layers' program gets the same FMA switch
     f = torch.compile(lambda a, b: (a * b).sum(-1), dynamic=False, options=opts)
     a, b = torch.randn(3, 8), torch.randn(3, 8)
     assert torch.allclose(f(a, b), (a * b).sum(-1), atol=1e-5)
